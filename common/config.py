@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,7 +61,10 @@ class AdapterConfig:
 class EvalConfig:
     loss: str = "ce"
     hinge_margin: float = 2.0
-    batch_size: int = 16  # examples per forward pass; batches are length-bucketed
+    batch_size: int = 16  # examples per forward pass when scoring dev/test (length-bucketed)
+    # training examples per batch when scoring populations: small batches of similar length
+    # waste almost no padding, and candidates are stacked to fill the pass instead
+    train_batch_size: int = 4
     max_stack_tokens: int = 16384  # candidates x tokens per stacked forward pass (memory budget)
 
 
@@ -80,7 +84,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None = None) -> RunConfig:
-        cfg = _build(cls, data or {}, "")
+        cfg = _build(cls, {} if data is None else data, "")
         cfg.validate()
         return cfg
 
@@ -101,15 +105,18 @@ class RunConfig:
         return RunConfig.from_dict(data)
 
     def validate(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         positive = {
-            "seed": self.seed + 1,
             "model.max_length": self.model.max_length,
             "task.k": self.task.k,
             "adapter.rank": self.adapter.rank,
             "adapter.dim": self.adapter.dim,
             "adapter.alpha": self.adapter.alpha,
             "eval.batch_size": self.eval.batch_size,
+            "eval.train_batch_size": self.eval.train_batch_size,
             "eval.max_stack_tokens": self.eval.max_stack_tokens,
+            "eval.hinge_margin": self.eval.hinge_margin,
             "optimizer.sigma0": self.optimizer.sigma0,
         }
         for key, value in positive.items():
@@ -127,7 +134,7 @@ class RunConfig:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix or 'config'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -136,7 +143,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
-            raise ConfigError(f"unknown config key '{path}'{hint}")
+            raise ConfigError(f"unknown config key {path!r}{hint}")
         kwargs[key] = _coerce(hints[key], value, path)
     return cls(**kwargs)
 
@@ -155,9 +162,14 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be a non-empty list, got {value!r}")
         return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{path} must be float, got an integer too large for one") from None
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{path} must be a finite number, got {value!r}")
     allowed = CHOICES.get(path)
     if allowed and value not in allowed:
         raise ConfigError(f"{path} must be one of {', '.join(allowed)}; got {value!r}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -73,7 +74,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
         auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
         model = auto.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a corrupt file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(
             f"model.name: cannot load '{cfg.name}': not a built-in name ({', '.join(BUILTIN)}), "

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from workers import fastpath
+from workers.batches import Batch
 from workers.scoring import example_losses
 from workers.worker import EvalWorker
 
@@ -25,8 +26,14 @@ def _hook(cols: slice, a: torch.Tensor, b: torch.Tensor):
 
 
 @torch.no_grad()
-def reference_losses(worker: EvalWorker, layer: int, population) -> np.ndarray:
-    """Mean training loss per candidate, scored the slow, plain way."""
+def reference_losses(worker: EvalWorker, layer: int, population,
+                     batches: list[Batch] | None = None) -> np.ndarray:
+    """Mean training loss per candidate, scored the slow, plain way.
+
+    `batches` defaults to the worker's training batches; the benchmark passes the whole training
+    set as one padded batch, as the authors' code scores it.
+    """
+    batches = batches if batches is not None else [s.batch for s in worker.states]
     z_all = np.atleast_2d(np.asarray(population, dtype=np.float64))
     vectors = dict(worker.committed)
     for layer_i in range(worker.n_layers):  # pristine weights: every delta goes through hooks
@@ -46,8 +53,7 @@ def reference_losses(worker: EvalWorker, layer: int, population) -> np.ndarray:
                 handles.append(k.module.register_forward_hook(_hook(k.cols, a_k, b_k)))
             try:
                 losses, count = 0.0, 0
-                for state in worker.states:
-                    batch = state.batch
+                for batch in batches:
                     inputs = fastpath.model_inputs(worker.model, batch, worker.kind)
                     logits = worker.model(**inputs).logits  # full vocabulary, every position
                     scored = fastpath.gather_positions(logits, batch.positions)[:, label_ids]

@@ -47,11 +47,12 @@ class EvalWorker:
         template = resolve_template(spec, self.kind, cfg.task.template, cfg.task.label_words)
         self.prompter = Prompter(loaded.tokenizer, self.kind, spec, template, cfg.task,
                                  cfg.model.max_length)
-        size = cfg.eval.batch_size
+        sizes = {"train": cfg.eval.train_batch_size, "dev": cfg.eval.batch_size,
+                 "test": cfg.eval.batch_size}
+        self.examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}
         self.batches = {
-            name: [b.to(self.device) for b in self.prompter.batches(examples, size)]
-            for name, examples in (("train", splits.train), ("dev", splits.dev),
-                                   ("test", splits.test))
+            name: [b.to(self.device) for b in self.prompter.batches(examples, sizes[name])]
+            for name, examples in self.examples.items()
         }
         self.arch = inspect(self.model)
         self.head = fastpath.label_head(self.model, self.prompter.label_ids)
@@ -208,9 +209,15 @@ class EvalWorker:
         )
 
     def _check(self, layer: int, vector, ndim: int) -> np.ndarray:
-        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
+        if (not isinstance(layer, (int, np.integer)) or isinstance(layer, bool)
+                or not 0 <= layer < self.n_layers):
             raise DfoloraError(f"layer {layer!r} out of range: the model has {self.n_layers}")
-        z = np.asarray(vector, dtype=np.float64)
+        try:
+            if np.iscomplexobj(vector):
+                raise TypeError("complex values")
+            z = np.asarray(vector, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise DfoloraError(f"vector for layer {layer} is not a real array ({err})") from None
         expect = "(d,)" if ndim == 1 else "(n, d)"
         if z.ndim != ndim or z.shape[-1] != self.dim:
             raise DfoloraError(f"vector for layer {layer} has shape {z.shape}; expected "

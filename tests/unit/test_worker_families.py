@@ -14,7 +14,7 @@ from workers.worker import EvalWorker
 def make_worker(family, **overrides):
     cfg = {"task": {"template": "{text} it was {mask} ." if family in ("roberta", "bert")
                     else "{text} it was", "label_words": ["bad", "great"], "k": 4},
-           "eval": {"batch_size": 3, "max_stack_tokens": 100}}
+           "eval": {"batch_size": 3, "train_batch_size": 3, "max_stack_tokens": 100}}
     for key, value in overrides.items():
         section, leaf = key.split(".")
         cfg.setdefault(section, {})[leaf] = value
@@ -93,7 +93,7 @@ def test_same_seed_and_stats_give_bit_identical_maps(worker):
 
 def test_calibration_excludes_padding():
     a = make_worker("llama")
-    b = make_worker("llama", **{"eval.batch_size": 8})  # one batch: much more padding
+    b = make_worker("llama", **{"eval.train_batch_size": 8})  # one batch: much more padding
     np.testing.assert_allclose(a.stats.qk_input, b.stats.qk_input, rtol=1e-5)
     np.testing.assert_allclose(a.stats.hidden, b.stats.hidden, rtol=1e-5)
 
