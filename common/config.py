@@ -23,6 +23,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task.label_token": ("single", "first"),
     "adapter.init": ("qk-input", "paper", "paper-a-only", "random"),
     "eval.loss": ("ce", "hinge"),
+    "schedule.alternate": ("round", "layer"),
+    "schedule.accept": ("elitist", "xbest"),
 }
 
 
@@ -70,17 +72,40 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
+    # cma | fwa | fwa-dyn | nevergrad:<Name>; the names are checked by orchestrator.validate_run
+    # (that needs the optimiser registry, which this torch- and orchestrator-free module avoids)
+    name: str = "cma"
+    popsize: int = 20  # candidates per generation (CMA-ES lambda, FWA sparks)
     sigma0: float = 1.0  # initial step size; also scales the projection maps (method.md §2)
+    bounds: tuple[float, ...] | None = None  # [lo, hi] box for every coordinate; must hold 0
+    fireworks: int | None = None  # fwa-dyn only: number of fireworks (null: its default)
+    # nevergrad:<Name> only: the budget Nevergrad plans for (NGOpt and other meta-optimisers
+    # need one); null: the run budget shared out over the (layer, method) optimisers
+    nevergrad_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The alternating per-layer schedule of method.md §5."""
+
+    optimizers: tuple[str, ...] | None = None  # methods to alternate; null: [optimizer.name]
+    alternate: str = "round"  # round: method = round % n; layer: method = layer index % n
+    accept: str = "elitist"  # elitist: only improvements of loss*; xbest: the authors' rule
+    layers: tuple[int, ...] | None = None  # visiting order (and subset); null: 0..L-1
+    rounds: int | None = None  # null: until the budget is spent
+    generations_per_visit: int = 1  # generations of a layer's optimiser per visit
 
 
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 42
+    budget: int = 8000  # candidate evaluations on the training set ("API calls")
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None = None) -> RunConfig:
@@ -130,6 +155,37 @@ class RunConfig:
                               f"got {list(bounds)}")
         if self.task.max_test is not None and self.task.max_test < 1:
             raise ConfigError(f"task.max_test must be >= 1 or null, got {self.task.max_test}")
+        self._validate_search()
+
+    def _validate_search(self) -> None:
+        """The optimiser and schedule checks that need no registry (names: validate_run)."""
+        opt, sched = self.optimizer, self.schedule
+        if opt.popsize < 2:
+            raise ConfigError(f"optimizer.popsize must be >= 2, got {opt.popsize}")
+        if self.budget < opt.popsize:
+            raise ConfigError(f"budget ({self.budget}) is smaller than one generation "
+                              f"(optimizer.popsize = {opt.popsize})")
+        if opt.bounds is not None and not (len(opt.bounds) == 2
+                                            and opt.bounds[0] <= 0.0 <= opt.bounds[1]
+                                            and opt.bounds[0] < opt.bounds[1]):
+            raise ConfigError(f"optimizer.bounds must be [lo, hi] with lo <= 0 <= hi and "
+                              f"lo < hi (the search starts at 0), got {list(opt.bounds)}")
+        for key in ("fireworks", "nevergrad_budget"):
+            value = getattr(opt, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"optimizer.{key} must be >= 1 or null, got {value}")
+        if sched.optimizers is not None and len(set(sched.optimizers)) != len(sched.optimizers):
+            raise ConfigError(f"schedule.optimizers lists a method twice: "
+                              f"{list(sched.optimizers)}")
+        if sched.layers is not None:
+            if min(sched.layers) < 0 or len(set(sched.layers)) != len(sched.layers):
+                raise ConfigError(f"schedule.layers must be distinct layer indices >= 0, "
+                                  f"got {list(sched.layers)}")
+        if sched.rounds is not None and sched.rounds < 1:
+            raise ConfigError(f"schedule.rounds must be >= 1 or null, got {sched.rounds}")
+        if sched.generations_per_visit < 1:
+            raise ConfigError(f"schedule.generations_per_visit must be >= 1, "
+                              f"got {sched.generations_per_visit}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

@@ -1,0 +1,227 @@
+"""The local driver: config -> evaluator -> schedule -> accept/commit -> checkpoint -> metrics.
+
+    from common.config import RunConfig
+    from orchestrator.driver import run
+    from orchestrator.reporting import progress_reporter
+    result = run(RunConfig.from_dict({"budget": 400}), "runs/demo", reporter=progress_reporter())
+    result.final["test"]["accuracy"], result.zero_shot["test"]["accuracy"]
+
+One loop, one phase per step (schedule.py): score the zero adapter, then generations and dev
+evaluations, then the best-dev snapshot on train/dev/test. A checkpoint follows every step, so
+`run(None, out_dir, resume=True)` continues an interrupted run on the identical trajectory.
+Library code: every record (one per generation, per dev evaluation, and the start and final
+ones) goes to `reporter` and into the result; nothing is printed here. No torch is imported
+unless the driver builds the in-process evaluator itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from orchestrator.checkpoint import CheckpointStore, Entry, atomic_write, npz_bytes
+from orchestrator.evaluation.interface import CandidateId, Evaluator, check_evaluation
+from orchestrator.optimizers import restore_optimizer
+from orchestrator.schedule import Schedule, ScheduleState
+from orchestrator.validation import validate_run
+
+Reporter = Callable[[dict], None]
+
+
+@dataclass
+class RunResult:
+    finished: bool  # False when stopped early by `stop_after`
+    stop_reason: str | None  # budget, rounds, or every optimiser has stopped
+    zero_shot: dict  # dev and test metrics (and train loss) of the zero adapter
+    final: dict | None  # train/dev/test metrics of the best-dev snapshot, once finished
+    best_dev: dict  # the snapshot's round (None: the zero adapter), evaluations, dev metrics
+    metrics: list[dict]  # one record per generation
+    dev_history: list[dict]  # one record per dev evaluation
+    evaluations: int
+    generations: int
+    seconds: float  # wall seconds over every session of the run
+    vectors: dict[int, np.ndarray]  # the committed vectors at the end of the search
+    best_vectors: dict[int, np.ndarray]  # the best-dev snapshot's: the final adapter
+
+    def summary(self) -> dict:
+        """JSON-safe figures without vectors and per-generation metrics."""
+        return {"finished": self.finished, "stop_reason": self.stop_reason,
+                "zero_shot": self.zero_shot, "final": self.final, "best_dev": self.best_dev,
+                "evaluations": self.evaluations, "generations": self.generations,
+                "seconds": round(self.seconds, 3)}
+
+
+def run(cfg: RunConfig | None, out_dir: str | Path, *, evaluator: Evaluator | None = None,
+        resume: bool = False, stop_after: int | None = None,
+        reporter: Reporter | None = None) -> RunResult:
+    """Run a search writing into `out_dir`; with `resume`, continue the run whose checkpoint is
+    there (or start one, if there is none: a preemptible job can always pass `resume=True`).
+
+    `cfg` may be None when resuming (the checkpoint's config is used); a given one must equal
+    it. `evaluator`: default an in-process `LocalEvaluator` built from `cfg`. `stop_after`:
+    return, unfinished, once this many generations are done and checkpointed (tests use it to
+    simulate an interruption).
+    """
+    out = Path(out_dir)
+    store = CheckpointStore(out / "checkpoint")
+    entry = None
+    if store.exists():
+        if not resume:
+            raise ConfigError(f"'{out}' already holds a checkpoint: resume it or choose another "
+                              f"output folder")
+        entry = store.load()
+        cfg = _resume_config(cfg, entry)
+    elif cfg is None:
+        raise ConfigError(f"nothing to resume in '{out}' and no config given")
+    validate_run(cfg)  # before any model is loaded
+    if entry is not None and entry.payload["schedule"]["phase"] == "done":
+        return _result(_state(entry), entry.payload["log"])
+    own = evaluator is None
+    if own:
+        from orchestrator.evaluation.local import LocalEvaluator
+
+        setup = entry.payload["setup"] if entry else {}
+        evaluator = LocalEvaluator(cfg, stats=setup.get("calibration"))
+    try:
+        return _Run(cfg, evaluator, store, entry, reporter).loop(stop_after, out)
+    finally:
+        if own:
+            evaluator.close()
+
+
+def _resume_config(cfg: RunConfig | None, entry: Entry) -> RunConfig:
+    stored = RunConfig.from_dict(entry.payload["config"])
+    if cfg is not None and cfg != stored:
+        keys = ", ".join(_differences(cfg.to_dict(), stored.to_dict(), ""))
+        raise ConfigError(f"the config differs from the checkpoint's at {keys}; resume with the "
+                          f"stored config (pass None) or start a new run")
+    return stored
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for k in sorted(set(a) | set(b))
+                for key in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _state(entry: Entry) -> ScheduleState:
+    return ScheduleState.from_plain(entry.payload["schedule"], entry.arrays)
+
+
+class _Run:
+    """One session of a run: the schedule, its evaluator and checkpoints."""
+
+    def __init__(self, cfg: RunConfig, evaluator: Evaluator, store: CheckpointStore,
+                 entry: Entry | None, reporter: Reporter | None) -> None:
+        self.cfg, self.ev, self.store = cfg, evaluator, store
+        self.reporter = reporter or (lambda record: None)
+        self.started = time.perf_counter()
+        if entry is None:
+            self.schedule = Schedule(cfg, evaluator.n_layers, evaluator.dim)
+            self.log: dict[str, Any] = {"metrics": [], "dev": [], "zero_shot": None,
+                                        "final": None, "seconds": 0.0}
+            self.setup = evaluator.setup()
+        else:
+            optimizers = {key: restore_optimizer(state)
+                          for key, state in entry.optimizers.items()}
+            self.schedule = Schedule(cfg, evaluator.n_layers, evaluator.dim, _state(entry),
+                                     optimizers)
+            self.log, self.setup = entry.payload["log"], entry.payload["setup"]
+        self.seconds_before = self.log["seconds"]
+        # Install the assembled state in every scheduled layer, in a fresh run too (zeros): an
+        # evaluator may cache what it computed from committed layers (the worker's prefix
+        # states), and the same commits at the start keep that cache, and so every loss, the
+        # same in a fresh and in a resumed session.
+        for layer, z in self.schedule.state.vectors.items():
+            self.ev.commit(layer, z)
+
+    def loop(self, stop_after: int | None, out: Path) -> RunResult:
+        steps = {"start": self._start, "search": self._search, "dev": self._dev,
+                 "final": self._final}
+        state = self.schedule.state
+        while state.phase != "done":
+            steps[state.phase]()
+            self._checkpoint()
+            if stop_after is not None and state.generation >= stop_after:
+                break
+        result = _result(self.schedule.state, self.log)
+        if result.finished:
+            _write_outputs(out, self.cfg, result)
+        return result
+
+    def _emit(self, record: dict, kind: str | None = None) -> None:
+        if kind is not None:
+            self.log[kind].append(record)
+        self.reporter(record)
+
+    def _start(self) -> None:
+        dev, test = self.ev.score("dev"), self.ev.score("test")
+        layer = self.schedule.order[0]
+        ref = self.ev.evaluate(layer, np.zeros((1, self.ev.dim)), [CandidateId(0, layer, -1, 0)])
+        loss = float(check_evaluation(ref, 1).losses[0])
+        loss = loss if math.isfinite(loss) else math.inf  # then any finite candidate beats it
+        self.log["zero_shot"] = {"train_loss": loss, "dev": dev, "test": test}
+        self._emit(self.schedule.start(loss, dev))
+
+    def _search(self) -> None:
+        gen = self.schedule.ask()
+        if gen is None:  # the round ended on optimisers that have stopped
+            return
+        began = time.perf_counter()
+        result = check_evaluation(self.ev.evaluate(gen.layer, gen.Z, gen.ids), len(gen.Z))
+        record, commit = self.schedule.tell(gen, result)
+        if commit is not None:
+            self.ev.commit(gen.layer, commit)
+        record["seconds"] = time.perf_counter() - began
+        self._emit(record, "metrics")
+
+    def _dev(self) -> None:
+        self._emit(self.schedule.record_dev(self.ev.score("dev"), self.ev.delta_norms()), "dev")
+
+    def _final(self) -> None:
+        snapshot = self.schedule.state.best_dev
+        for layer, z in snapshot.vectors.items():
+            self.ev.commit(layer, z)
+        final = {split: self.ev.score(split) for split in ("train", "dev", "test")}
+        final["delta_norms"] = self.ev.delta_norms()
+        self.log["final"] = final
+        self.schedule.finish()
+        self._emit({"event": "final", "best_dev_round": snapshot.round, **final})
+
+    def _checkpoint(self) -> None:
+        self.log["seconds"] = self.seconds_before + time.perf_counter() - self.started
+        plain, arrays = self.schedule.state.to_plain()
+        payload = {"config": self.cfg.to_dict(), "schedule": plain, "log": self.log,
+                   "setup": self.setup}
+        self.store.save(payload, arrays, self.schedule.optimizers, self.schedule.dirty)
+        self.schedule.dirty.clear()
+
+
+def _result(s: ScheduleState, log: dict) -> RunResult:
+    snap = s.best_dev
+    return RunResult(
+        finished=s.phase == "done", stop_reason=s.stop_reason, zero_shot=log["zero_shot"],
+        final=log["final"], metrics=log["metrics"], dev_history=log["dev"],
+        best_dev=None if snap is None else {"round": snap.round,
+                                             "evaluations": snap.evaluations, "dev": snap.dev},
+        evaluations=s.evaluations, generations=s.generation, seconds=log["seconds"],
+        vectors={k: v.copy() for k, v in s.vectors.items()},
+        best_vectors={} if snap is None else {k: v.copy() for k, v in snap.vectors.items()})
+
+
+def _write_outputs(out: Path, cfg: RunConfig, result: RunResult) -> None:
+    """result.json (figures and config) and best_vectors.npz (the final adapter's vectors)."""
+    summary = {**result.summary(), "config": cfg.to_dict()}
+    atomic_write(out / "result.json", json.dumps(summary, indent=2).encode())
+    arrays = {f"layer_{k}": v for k, v in sorted(result.best_vectors.items())}
+    atomic_write(out / "best_vectors.npz", npz_bytes(arrays))

@@ -1,0 +1,292 @@
+"""The alternating per-layer schedule of method.md §5 as an explicit, checkpointable state machine.
+
+Block-coordinate descent over layers: one optimiser per (layer, method), each keeping its state
+across visits; a generation asks one optimiser for a population for its layer, the evaluator
+scores it with every other layer at its committed vector, and the accept rule decides what is
+committed. `ScheduleState` is all that evolves besides the optimisers; both go into every
+checkpoint, so a resumed run replays the identical trajectory. Phases, driven by the driver:
+
+    start  -> the zero adapter is scored (loss* on train, dev): `start(loss, dev)`
+    search -> `ask()` a generation, the evaluator scores it, `tell()` accepts or not
+    dev    -> after each round (and at the end) the assembled state is scored: `record_dev(dev)`
+    final  -> the best-dev snapshot is scored on train/dev/test: `finish()`; then done
+
+Accept rules: `elitist` installs the generation's best only if it beats loss*; since it was
+measured with every other layer at its current vector, loss* stays exact and never increases.
+`xbest` installs the optimiser's best-ever vector (the released code's rule), even though its
+loss was measured in an older context. The budget counts candidate evaluations; a generation
+that would exceed it is never started. The one reference evaluation of loss* at the start is not
+a candidate and is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.seeding import derive_seed
+from common.tasks import get_task
+from orchestrator.evaluation.interface import CandidateId, Evaluation
+from orchestrator.optimizers import Optimizer, make_optimizer
+from orchestrator.validation import methods, optimizer_options
+
+OptKey = tuple[int, str]  # (layer, method)
+
+
+@dataclass
+class Snapshot:
+    """An assembled state scored on dev; the best one is the run's final adapter."""
+
+    round: int | None  # the round after which it was scored; None: the zero adapter
+    evaluations: int
+    dev: dict
+    vectors: dict[int, np.ndarray]
+
+
+@dataclass
+class ScheduleState:
+    vectors: dict[int, np.ndarray]  # committed vector of every scheduled layer
+    phase: str = "start"
+    round: int = 0
+    position: int = 0  # index into the layer order
+    visit_generation: int = 0  # generations done in the current visit
+    generation: int = 0  # generations done in the run
+    round_generations: int = 0  # generations done in the current round
+    evaluations: int = 0
+    loss_star: float = math.inf
+    last_method: dict[int, str] = field(default_factory=dict)  # method of each layer's last visit
+    stop_reason: str | None = None
+    best_dev: Snapshot | None = None
+
+    def to_plain(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-safe part, arrays): the checkpoint stores the first as JSON, the second as npz."""
+        plain = {k: getattr(self, k) for k in ("phase", "round", "position", "visit_generation",
+                                               "generation", "round_generations", "evaluations",
+                                               "loss_star", "stop_reason")}
+        plain["last_method"] = {str(k): v for k, v in self.last_method.items()}
+        arrays = {f"vector_{k}": v for k, v in self.vectors.items()}
+        snap = self.best_dev
+        if snap is not None:
+            plain["best_dev"] = {"round": snap.round, "evaluations": snap.evaluations,
+                                 "dev": snap.dev}
+            arrays.update({f"snapshot_{k}": v for k, v in snap.vectors.items()})
+        return plain, arrays
+
+    @classmethod
+    def from_plain(cls, plain: dict, arrays: dict[str, np.ndarray]) -> ScheduleState:
+        def vectors(prefix: str) -> dict[int, np.ndarray]:
+            return {int(k[len(prefix):]): np.array(v, dtype=np.float64)
+                    for k, v in arrays.items() if k.startswith(prefix)}
+
+        plain = dict(plain)
+        snap = plain.pop("best_dev", None)
+        state = cls(vectors=vectors("vector_"), **{k: v for k, v in plain.items()
+                                                   if k != "last_method"})
+        state.last_method = {int(k): v for k, v in plain["last_method"].items()}
+        if snap is not None:
+            state.best_dev = Snapshot(snap["round"], snap["evaluations"], snap["dev"],
+                                      vectors("snapshot_"))
+        return state
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One population for one layer, as asked; `Z[i]` carries `ids[i]`."""
+
+    round: int
+    layer: int
+    method: str
+    generation: int
+    Z: np.ndarray
+    ids: tuple[CandidateId, ...]
+
+
+def layer_order(cfg: RunConfig, n_layers: int) -> tuple[int, ...]:
+    order = cfg.schedule.layers or tuple(range(n_layers))
+    bad = [layer for layer in order if layer >= n_layers]
+    if bad:
+        raise ConfigError(f"schedule.layers: {bad} out of range; the model has {n_layers} "
+                          f"layers (0..{n_layers - 1})")
+    return tuple(order)
+
+
+def selection_metric(cfg: RunConfig) -> str:
+    """The dev metric that picks the snapshot: the task's (accuracy; F1 for MRPC)."""
+    try:
+        return get_task(cfg.task.name).metric
+    except ConfigError:
+        return "accuracy"
+
+
+class Schedule:
+    """The state machine plus its optimisers; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, n_layers: int, dim: int,
+                 state: ScheduleState | None = None,
+                 optimizers: dict[OptKey, Optimizer] | None = None) -> None:
+        self.cfg, self.dim = cfg, dim
+        self.order = layer_order(cfg, n_layers)
+        self.methods = methods(cfg)
+        self.metric = selection_metric(cfg)
+        self.state = state or ScheduleState({layer: np.zeros(dim) for layer in self.order})
+        self.optimizers: dict[OptKey, Optimizer] = dict(optimizers or {})
+        self.dirty: set[OptKey] = set()  # optimisers touched since the last checkpoint
+
+    # -- rules ------------------------------------------------------------------------------
+    def method_for(self, layer: int, round_: int) -> str:
+        """`alternate: round`: method r % n in round r; `layer`: method l % n for layer l."""
+        index = round_ if self.cfg.schedule.alternate == "round" else layer
+        return self.methods[index % len(self.methods)]
+
+    @property
+    def n_optimizers(self) -> int:
+        per_layer = len(self.methods) if self.cfg.schedule.alternate == "round" else 1
+        return len(self.order) * per_layer
+
+    def _budget_fits(self) -> bool:
+        return self.state.evaluations + self.cfg.optimizer.popsize <= self.cfg.budget
+
+    # -- phases -----------------------------------------------------------------------------
+    def start(self, loss_star: float, dev: dict) -> dict:
+        """Record the zero adapter: its training loss is loss*, its dev score the 1st snapshot."""
+        s = self._expect("start")
+        s.loss_star = float(loss_star)
+        s.best_dev = Snapshot(None, 0, dev, {k: v.copy() for k, v in s.vectors.items()})
+        s.phase = "search"
+        return {"event": "start", "loss_star": s.loss_star, "dev": dev}
+
+    def ask(self) -> Generation | None:
+        """The next population, or None when the round ended because every optimiser left in
+        it has stopped (the phase is then `dev`)."""
+        s = self._expect("search")
+        while True:
+            layer = self.order[s.position]
+            method = self.method_for(layer, s.round)
+            opt, created = self._optimizer(layer, method)
+            if not opt.stop():
+                break
+            s.visit_generation, s.position = 0, s.position + 1  # skip the rest of this visit
+            self._check_progress()
+            if s.phase != "search":
+                return None
+        if not created and s.last_method.get(layer, method) != method:
+            opt.recenter(s.vectors[layer])  # the incoming method starts at the current vector
+        s.last_method[layer] = method
+        Z = opt.ask()
+        ids = tuple(CandidateId(s.round, layer, s.generation, i) for i in range(len(Z)))
+        return Generation(s.round, layer, method, s.generation, Z, ids)
+
+    def tell(self, gen: Generation, result: Evaluation) -> tuple[dict, np.ndarray | None]:
+        """Tell the optimiser, apply the accept rule; returns (metrics record, vector to commit
+        for gen.layer or None)."""
+        s = self._expect("search")
+        if gen.generation != s.generation:
+            raise RuntimeError(f"tell() for generation {gen.generation}, expected {s.generation}")
+        opt = self.optimizers[(gen.layer, gen.method)]
+        opt.tell(gen.Z, result.losses)
+        commit = self._accept(gen, result.losses, opt)
+        s.evaluations += len(gen.Z)
+        s.generation += 1
+        s.round_generations += 1
+        record = self._record(gen, result, opt, accepted=commit is not None)
+        s.visit_generation += 1
+        if s.visit_generation >= self.cfg.schedule.generations_per_visit:
+            s.visit_generation, s.position = 0, s.position + 1
+        self._check_progress()
+        return record, commit
+
+    def record_dev(self, dev: dict, delta_norms: list[dict] | None = None) -> dict:
+        """Score of the assembled state on dev after a round (or at the end of the budget)."""
+        s = self._expect("dev")
+        improved = dev[self.metric] > s.best_dev.dev[self.metric]  # ties keep the earlier
+        if improved:
+            s.best_dev = Snapshot(s.round, s.evaluations, dev,
+                                  {k: v.copy() for k, v in s.vectors.items()})
+        record = {"event": "dev", "round": s.round, "complete": s.position == len(self.order),
+                  "generation": s.generation, "evaluations": s.evaluations,
+                  "loss_star": s.loss_star, "dev": dev, "improved": improved,
+                  "best_dev_round": s.best_dev.round, "delta_norms": delta_norms or []}
+        if s.position == len(self.order):
+            if s.round_generations == 0 and s.stop_reason is None:
+                s.stop_reason = "every optimiser has stopped"
+            s.round, s.position, s.round_generations = s.round + 1, 0, 0
+            rounds = self.cfg.schedule.rounds
+            if s.stop_reason is None and rounds is not None and s.round >= rounds:
+                s.stop_reason = "rounds"
+            if s.stop_reason is None and not self._budget_fits():
+                s.stop_reason = "budget"
+        s.phase = "search" if s.stop_reason is None else "final"
+        return record
+
+    def finish(self) -> None:
+        self._expect("final").phase = "done"
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _expect(self, phase: str) -> ScheduleState:
+        if self.state.phase != phase:
+            raise RuntimeError(f"schedule is in phase {self.state.phase!r}, not {phase!r}")
+        return self.state
+
+    def _check_progress(self) -> None:
+        """After a visit or generation: a finished round or an exhausted budget means dev."""
+        s = self.state
+        if s.position == len(self.order):
+            s.phase = "dev"
+        elif not self._budget_fits():
+            s.phase, s.stop_reason = "dev", "budget"
+
+    def _optimizer(self, layer: int, method: str) -> tuple[Optimizer, bool]:
+        key = (layer, method)
+        self.dirty.add(key)
+        if key in self.optimizers:
+            return self.optimizers[key], False
+        opt = make_optimizer(method, self.dim, x0=self.state.vectors[layer],
+                             seed=derive_seed(self.cfg.seed, "opt", layer, method),
+                             **optimizer_options(self.cfg, method, self.n_optimizers))
+        self.optimizers[key] = opt
+        return opt, True
+
+    def _accept(self, gen: Generation, losses: np.ndarray, opt: Optimizer) -> np.ndarray | None:
+        s = self.state
+        if self.cfg.schedule.accept == "elitist":
+            finite = np.isfinite(losses)
+            if not finite.any():
+                return None
+            i = int(np.argmin(np.where(finite, losses, np.inf)))  # first of equal losses
+            if not losses[i] < s.loss_star:
+                return None
+            x, f = gen.Z[i], float(losses[i])
+        else:  # xbest
+            best = opt.best
+            if not math.isfinite(best.f) or np.array_equal(best.x, s.vectors[gen.layer]):
+                return None
+            x, f = best.x, best.f
+        s.vectors[gen.layer], s.loss_star = np.array(x, dtype=np.float64), f
+        return s.vectors[gen.layer].copy()
+
+    def _record(self, gen: Generation, result: Evaluation, opt: Optimizer,
+                accepted: bool) -> dict:
+        s, losses = self.state, result.losses
+        finite = losses[np.isfinite(losses)]
+        record = {"event": "generation", "round": gen.round, "layer": gen.layer,
+                  "method": gen.method, "generation": gen.generation,
+                  "best_loss": float(finite.min()) if len(finite) else None,
+                  "median_loss": float(np.median(finite)) if len(finite) else None,
+                  "loss_star": s.loss_star, "accepted": accepted,
+                  "step_size": _json_float(opt.step_size),
+                  "evaluations": s.evaluations,
+                  "n_nonfinite": int(opt.last_tell_info.get("n_nonfinite", 0)),
+                  "losses": [_json_float(v) for v in losses.tolist()]}
+        if result.accuracies is not None and len(finite):
+            i = int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
+            record["best_accuracy"] = float(result.accuracies[i])
+        return record
+
+
+def _json_float(value: float) -> float | None:
+    """NaN/inf become null, so metrics stay strict JSON."""
+    return float(value) if math.isfinite(value) else None
