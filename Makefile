@@ -28,5 +28,8 @@ test: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m workers.zeroshot
 
+bench: $(STAMP)
+	$(BIN)/python bench/eval_throughput.py
+
 clean:
 	rm -rf $(VENV)
