@@ -46,6 +46,16 @@ class TaskConfig:
     label_space: bool = True  # prepend a space to label words (BPE/SentencePiece tokenizers)
     label_token: str = "single"  # "first": allow multi-token words, scoring their first token
     max_test: int | None = 1000  # cap on test examples (class-stratified, fixed sample); None: all
+    # local data (CSV, TSV with a header, JSONL, or a `save_to_disk` folder) instead of the hub;
+    # no test_file: the folder's test split, else a fixed 20 % of train_file is held out
+    train_file: str | None = None
+    dev_file: str | None = None  # dev = k per class drawn from here instead of from train
+    test_file: str | None = None
+    # custom tasks (name: custom): the text column(s) that fill the template's {slots}, the label
+    # column, and each label value's word, in class order
+    text_fields: tuple[str, ...] | None = None
+    label_field: str | None = None
+    labels: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,13 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, path)
+    if origin is dict:  # string keys (YAML integer keys become strings) -> coerced values
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{path} must be a non-empty mapping, got {value!r}")
+        bad = [k for k in value if isinstance(k, bool) or not isinstance(k, (str, int))]
+        if bad:
+            raise ConfigError(f"{path}: keys must be strings or integers, got {bad[0]!r}")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not value:
             raise ConfigError(f"{path} must be a non-empty list, got {value!r}")

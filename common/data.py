@@ -71,23 +71,43 @@ def rotten_tomatoes_splits(seed: int, k: int, max_test: int | None) -> Splits:
     return Splits(train, dev, cap_stratified(test, max_test))
 
 
-def few_shot_split(pool: list[Example], seed: int, k: int) -> tuple[list[Example], list[Example]]:
-    """k per class train and the next k per class dev, from `pool` shuffled with `seed`."""
-    rng = np.random.default_rng(derive_seed(seed, "few-shot"))
-    by_class: dict[int, list[Example]] = {}
-    for i in rng.permutation(len(pool)):
-        by_class.setdefault(pool[i].label, []).append(pool[i])
+def few_shot_split(pool: list[Example], seed: int, k: int, n_classes: int | None = None,
+                   where: str = "") -> tuple[list[Example], list[Example]]:
+    """k per class train and the next k per class dev, from `pool` shuffled with `seed`.
+
+    `n_classes`: every class 0..n-1 must be there (a class absent from the data is an error);
+    `where` names the data in messages.
+    """
+    by_class = _by_class(pool, derive_seed(seed, "few-shot"), k, 2, n_classes, where,
+                         "(k for train and k for dev)")
     train, dev = [], []
     for label in sorted(by_class):
-        items = by_class[label]
-        if len(items) < 2 * k:
-            raise DataError(
-                f"class {label} has {len(items)} training examples; k={k} needs {2 * k} "
-                "(k for train and k for dev)"
-            )
-        train += items[:k]
-        dev += items[k : 2 * k]
+        train += by_class[label][:k]
+        dev += by_class[label][k : 2 * k]
     return train, dev
+
+
+def draw_per_class(pool: list[Example], seed: int, k: int, n_classes: int | None = None,
+                   where: str = "", role: str = "train") -> list[Example]:
+    """k per class from `pool` shuffled with `seed` (and `role`: train and dev files differ)."""
+    by_class = _by_class(pool, derive_seed(seed, "few-shot", role), k, 1, n_classes, where,
+                         f"for {role}")
+    return [e for label in sorted(by_class) for e in by_class[label][:k]]
+
+
+def _by_class(pool: list[Example], seed: int, k: int, per: int, n_classes: int | None,
+              where: str, why: str) -> dict[int, list[Example]]:
+    """The pool's examples by class, in seeded random order; each class must have per * k."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[Example]] = {label: [] for label in range(n_classes or 0)}
+    for i in rng.permutation(len(pool)):
+        by_class.setdefault(pool[i].label, []).append(pool[i])
+    prefix = f"{where}: " if where else ""
+    for label in sorted(by_class):
+        if len(by_class[label]) < per * k:
+            raise DataError(f"{prefix}class {label} has {len(by_class[label])} examples; "
+                            f"k={k} needs {per * k} {why}")
+    return by_class
 
 
 def cap_stratified(examples: list[Example], cap: int | None) -> list[Example]:

@@ -4,6 +4,9 @@ A template is a format string over the task's text fields (`{text}`, or `{text1}
 sentence pairs) plus `{mask}` for masked LMs. Label words are given without a leading space; the
 tokenizer-facing code prepends one when `task.label_space` is set (BPE and SentencePiece tokenizers
 encode " great" and "great" differently; WordPiece ignores the space).
+
+`TASKS` holds method.md §4's tasks; `task_spec(cfg.task)` also builds a custom task from its config
+(`task.text_fields`, `task.labels` mapping label values to words, a literal `task.template`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
+from common.config import TaskConfig
 from common.errors import ConfigError
 
 
@@ -23,12 +27,16 @@ class Template:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # class names; a label value equal to a name (or its index) maps to it
     text_fields: tuple[str, ...]
     causal: dict[str, Template]  # named templates for causal LMs; "default" first
     masked: dict[str, Template]  # named templates for masked LMs
     metric: str = "accuracy"  # or "f1"
+    hub: tuple[str, ...] = ()  # `datasets.load_dataset` arguments: hub repository, config
+    test_split: str = "test"  # the split scored as test (GLUE tasks: "validation")
 
+
+CUSTOM = "custom"
 
 _SENTIMENT_WORDS = ("negative", "positive")
 _SENTIMENT_CAUSAL = {
@@ -38,8 +46,44 @@ _SENTIMENT_CAUSAL = {
     "instruct": Template("Review: {text}\nSentiment:", _SENTIMENT_WORDS),
 }
 _SENTIMENT_MASKED = {"default": Template("{text} It was {mask} .", ("bad", "great"))}
+_PAIR_MASKED = "{text1} ? {mask} , {text2}"
+_PAIR = ("text1", "text2")
+_AG_WORDS = ("World", "Sports", "Business", "Tech")
+_DBPEDIA_CLASSES = ("Company", "EducationalInstitution", "Artist", "Athlete", "OfficeHolder",
+                    "MeanOfTransportation", "Building", "NaturalPlace", "Village", "Animal",
+                    "Plant", "Album", "Film", "WrittenWork")
+_DBPEDIA_WORDS = ("Company", "Education", "Artist", "Athlete", "Office", "Transportation",
+                  "Building", "Natural", "Village", "Animal", "Plant", "Album", "Film", "Written")
 
+
+def _spec(name, classes, fields, masked, causal, masked_words, causal_words=None, **kw):
+    return TaskSpec(name, classes, fields,
+                    causal={"default": Template(causal, causal_words or masked_words)},
+                    masked={"default": Template(masked, masked_words)}, **kw)
+
+
+# method.md §4, one row each; the test split is GLUE's validation split for SST-2, MRPC and RTE
 TASKS: dict[str, TaskSpec] = {
+    "sst2": _spec("sst2", _SENTIMENT_WORDS, ("text",), "{text} It was {mask} .",
+                  "{text} It was", ("bad", "great"), _SENTIMENT_WORDS,
+                  hub=("nyu-mll/glue", "sst2"), test_split="validation"),
+    "yelp_polarity": _spec("yelp_polarity", _SENTIMENT_WORDS, ("text",),
+                           "{text} It was {mask} .", "{text} It is", ("bad", "great"),
+                           _SENTIMENT_WORDS, hub=("fancyzhx/yelp_polarity",)),
+    "ag_news": _spec("ag_news", ("World", "Sports", "Business", "Sci/Tech"), ("text",),
+                     "{mask} News: {text}", "{text} News:", _AG_WORDS, hub=("fancyzhx/ag_news",)),
+    "dbpedia": _spec("dbpedia", _DBPEDIA_CLASSES, ("text",), "[ Category: {mask} ] {text}",
+                     "{text} The text above is about", _DBPEDIA_WORDS,
+                     hub=("fancyzhx/dbpedia_14",)),
+    "mrpc": _spec("mrpc", ("not_equivalent", "equivalent"), _PAIR, _PAIR_MASKED,
+                  "{text1} the {text2} ? Answer:", ("No", "Yes"), metric="f1",
+                  hub=("nyu-mll/glue", "mrpc"), test_split="validation"),
+    "rte": _spec("rte", ("entailment", "not_entailment"), _PAIR, _PAIR_MASKED,
+                 "{text1} {text2} Answer:", ("Yes", "No"), hub=("nyu-mll/glue", "rte"),
+                 test_split="validation"),
+    "snli": _spec("snli", ("entailment", "neutral", "contradiction"), _PAIR, _PAIR_MASKED,
+                  "{text1} the {text2} ? Answer:", ("Yes", "Maybe", "No"),
+                  hub=("stanfordnlp/snli",)),
     "rotten_tomatoes": TaskSpec(
         name="rotten_tomatoes",
         classes=("negative", "positive"),
@@ -51,9 +95,36 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def get_task(name: str) -> TaskSpec:
+    if name == CUSTOM:
+        raise ConfigError("task.name: a custom task is defined by its config; use task_spec()")
     if name not in TASKS:
-        raise ConfigError(f"task.name: unknown task '{name}'; known: {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"task.name: unknown task '{name}'; known: "
+                          f"{', '.join(sorted(TASKS))}, or {CUSTOM}")
     return TASKS[name]
+
+
+def task_spec(task: TaskConfig) -> TaskSpec:
+    """The registry entry of `task.name`, or the spec a custom task's config defines."""
+    if task.name != CUSTOM:
+        if task.labels is not None:
+            raise ConfigError(f"task.labels is for custom tasks; {task.name}'s label values are "
+                              "its class names or their 0-based indices (task.label_words "
+                              "changes the words)")
+        return get_task(task.name)
+    missing = [key for key in ("train_file", "text_fields", "label_field", "labels")
+               if getattr(task, key) is None]
+    if missing:
+        raise ConfigError(f"task.name=custom needs task.{', task.'.join(missing)}")
+    if len(task.text_fields) not in (1, 2) or len(set(task.text_fields)) != len(task.text_fields):
+        raise ConfigError(f"task.text_fields: one or two distinct columns, got "
+                          f"{list(task.text_fields)}")
+    if "{" not in task.template:
+        raise ConfigError(f"task.template: a custom task needs a literal template with "
+                          f"{{field}} slots (and {{mask}} for masked LMs), got {task.template!r}")
+    # the literal is the task's only named template, so resolve_template finds the words
+    template = {task.template: Template(task.template, tuple(task.labels.values()))}
+    return TaskSpec(CUSTOM, tuple(task.labels), tuple(task.text_fields), causal=template,
+                    masked=template)
 
 
 def resolve_template(

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common import loaders
 from common.config import RunConfig
-from common.data import Splits, rotten_tomatoes_splits
-from common.errors import ConfigError, DfoloraError
-from common.tasks import get_task, resolve_template
+from common.data import Splits
+from common.errors import DfoloraError
+from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import inspect, installed, merge_delta
 from workers.batches import Batch, Prompter
@@ -31,16 +32,15 @@ class EvalResult:
 
 
 def load_splits(cfg: RunConfig) -> Splits:
-    if cfg.task.name != "rotten_tomatoes":
-        raise ConfigError(f"task.name: no data loader for '{cfg.task.name}' yet")
-    return rotten_tomatoes_splits(cfg.seed, cfg.task.k, cfg.task.max_test)
+    """The run's few-shot train/dev and its test split (common/loaders.py: files, hub, offline)."""
+    return loaders.load_splits(cfg.task, cfg.seed)
 
 
 class EvalWorker:
     def __init__(self, cfg: RunConfig, stats: dict | None = None,
                  loaded: models.LoadedModel | None = None, splits: Splits | None = None):
         self.cfg = cfg
-        spec = get_task(cfg.task.name)
+        spec = task_spec(cfg.task)
         splits = splits or load_splits(cfg)
         loaded = loaded or models.load(cfg.model)
         self.model, self.kind, self.device = loaded.model, loaded.kind, loaded.device
