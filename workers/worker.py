@@ -152,15 +152,26 @@ class EvalWorker:
         hidden = self.model.base_model(**inputs).last_hidden_state
         return self.head(fastpath.gather_positions(hidden, batch.positions))
 
-    def score(self, split: str) -> dict:
-        """Loss, accuracy and F1 of the committed state on 'train', 'dev' or 'test'."""
+    def predict(self, split: str, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
+        """Label logits and gold labels of shard i of n of a split's batches (committed state).
+
+        Shards let several workers score one large test split (70k DBPedia examples) between
+        them; `combine_scores` turns the concatenated shards into the split's metrics.
+        """
         if split not in self.batches:
             raise DfoloraError(f"unknown split '{split}'; expected train, dev or test")
-        batches = self.batches[split]
-        logits = torch.cat([self.logits(b) for b in batches])
-        labels = torch.cat([b.labels for b in batches])
-        return classification_metrics(logits, labels, self.cfg.eval.loss,
-                                      self.cfg.eval.hinge_margin)
+        index, count = shard
+        if not 0 <= index < count:
+            raise DfoloraError(f"shard {shard} must be (i, n) with 0 <= i < n")
+        batches = self.batches[split][index::count]
+        if not batches:
+            return np.zeros((0, len(self.prompter.label_ids)), np.float32), np.zeros(0, np.int64)
+        logits = torch.cat([self.logits(b) for b in batches]).float().cpu().numpy()
+        return logits, torch.cat([b.labels for b in batches]).cpu().numpy()
+
+    def score(self, split: str) -> dict:
+        """Loss, accuracy and F1 of the committed state on 'train', 'dev' or 'test'."""
+        return combine_scores([self.predict(split)], self.cfg)
 
     # -- diagnostics --------------------------------------------------------------------------
     @torch.no_grad()
@@ -225,3 +236,10 @@ class EvalWorker:
         if not np.all(np.isfinite(z)):
             raise DfoloraError(f"vector for layer {layer} has non-finite entries")
         return np.ascontiguousarray(z)
+
+
+def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig) -> dict:
+    """Metrics of a split from the (logits, labels) of its shards, in any order."""
+    logits = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    return classification_metrics(logits, labels, cfg.eval.loss, cfg.eval.hinge_margin)

@@ -118,3 +118,14 @@ def test_delta_norms_report_committed_layers(worker):
         assert all(r["q_ratio"] == 0 for layer, r in rows.items() if layer != 1)
     finally:
         worker.commit(1, np.zeros(worker.dim))
+
+
+def test_test_split_divided_among_workers_scores_the_same(worker):
+    from workers.worker import combine_scores
+
+    whole = worker.score("test")
+    parts = [worker.predict("test", (i, 3)) for i in (2, 0, 1)]  # any order
+    assert sum(len(p[1]) for p in parts) == whole["n"]
+    sharded = combine_scores(parts, worker.cfg)
+    assert sharded["accuracy"] == whole["accuracy"] and sharded["f1"] == whole["f1"]
+    assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-6)
