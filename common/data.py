@@ -59,14 +59,15 @@ def load_rotten_tomatoes(path: Path | None = None) -> list[Example]:
     return [Example((text,), label) for text, label in seen.items()]
 
 
-def rotten_tomatoes_splits(seed: int, k: int, max_test: int | None) -> Splits:
-    examples = load_rotten_tomatoes()
-    order = np.random.default_rng(derive_seed(0, "rotten_tomatoes", "test")).permutation(
-        len(examples)
-    )
+def hold_out(examples: list[Example], name: str) -> tuple[list[Example], list[Example]]:
+    """(test, pool): a fixed TEST_FRACTION of `examples`, the same for every run seed."""
+    order = np.random.default_rng(derive_seed(0, name, "test")).permutation(len(examples))
     n_test = int(len(examples) * TEST_FRACTION)
-    test = [examples[i] for i in order[:n_test]]
-    pool = [examples[i] for i in order[n_test:]]
+    return [examples[i] for i in order[:n_test]], [examples[i] for i in order[n_test:]]
+
+
+def rotten_tomatoes_splits(seed: int, k: int, max_test: int | None) -> Splits:
+    test, pool = hold_out(load_rotten_tomatoes(), "rotten_tomatoes")
     train, dev = few_shot_split(pool, seed, k)
     return Splits(train, dev, cap_stratified(test, max_test))
 

@@ -16,20 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from common.config import TaskConfig
 from common.data import (
-    TEST_FRACTION,
     Example,
     Splits,
     cap_stratified,
     draw_per_class,
     few_shot_split,
+    hold_out,
     rotten_tomatoes_splits,
 )
-from common.errors import DataError
-from common.seeding import derive_seed
+from common.errors import ConfigError, DataError
 from common.tasks import CUSTOM, TaskSpec, task_spec
 
 # column names a standard task's fields are found under, first match wins
@@ -52,6 +49,9 @@ class Table:
 def load_splits(task: TaskConfig, seed: int) -> Splits:
     """k per class train and dev for `seed`, and the test split (capped at task.max_test)."""
     spec = task_spec(task)
+    if task.train_file is None and (task.dev_file or task.test_file):
+        raise ConfigError("task.dev_file and task.test_file need task.train_file (without it the "
+                          "task's own source provides every split)")
     if task.train_file is None and task.name == "rotten_tomatoes":
         return rotten_tomatoes_splits(seed, task.k, task.max_test)
     if task.train_file is None:
@@ -79,9 +79,7 @@ def _pool_and_test(task: TaskConfig, spec: TaskSpec, train_table: Table,
     if test_table is not None:
         test = examples(test_table, spec, task)
     else:  # a fixed hold-out, the same for every seed (as for rotten_tomatoes)
-        order = np.random.default_rng(derive_seed(0, task.name, "test")).permutation(len(pool))
-        n_test = int(len(pool) * TEST_FRACTION)
-        test, pool = [pool[i] for i in order[:n_test]], [pool[i] for i in order[n_test:]]
+        test, pool = hold_out(pool, task.name)
     return _disjoint(pool, test), test
 
 

@@ -40,7 +40,9 @@ CUSTOM = "custom"
 
 _SENTIMENT_WORDS = ("negative", "positive")
 _SENTIMENT_CAUSAL = {
-    # method.md §4's causal template; the model handles it poorly zero-shot (env.md: 0.61)
+    # method.md §4's causal template `<s> . It was`, written without the " ." between text and
+    # prompt: review snippets end with their own punctuation, so " ." would mostly give ". ."
+    # (env.md's and docs/benchmarks.md's figures use this form). Poor zero-shot (env.md: 0.61).
     "default": Template("{text} It was", _SENTIMENT_WORDS),
     # an instruction-style template the instruct model understands (env.md: 0.81)
     "instruct": Template("Review: {text}\nSentiment:", _SENTIMENT_WORDS),
@@ -153,7 +155,10 @@ def resolve_template(
 
 
 def _check_slots(text: str, spec: TaskSpec, kind: str) -> None:
-    slots = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    try:
+        slots = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as err:  # e.g. a single '}'; literal braces are written {{ and }}
+        raise ConfigError(f"task.template: {err}: {text!r}") from None
     unknown = slots - set(spec.text_fields) - {"mask"}
     if unknown:
         raise ConfigError(f"task.template: unknown slot(s) {sorted(unknown)} in {text!r}")

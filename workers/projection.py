@@ -23,8 +23,6 @@ import torch
 
 from common.seeding import derive_seed
 
-CHUNKS = ("A_Q", "B_Q", "A_K", "B_K")
-
 
 @dataclass(frozen=True)
 class CalibrationStats:
@@ -75,8 +73,9 @@ class Projector:
         if ratio_bounds is not None and weight_norms is not None and init == "qk-input":
             lo, hi = ratio_bounds
             for layer, norms in enumerate(weight_norms):
-                rho = self.expected_ratio(layer, norms)
-                self.gains[layer] = math.sqrt(min(max(rho, lo), hi) / rho)
+                rho = self.expected_ratio(layer, norms) if min(norms) > 0 else 0.0
+                if rho > 0:  # a zero spread or weight leaves nothing to rescale
+                    self.gains[layer] = math.sqrt(min(max(rho, lo), hi) / rho)
 
     def expected_ratio(self, layer: int, norms: tuple[float, float]) -> float:
         """Geometric mean over q and k of sqrt(E||A B||^2) / ||W|| at the §2 scale.

@@ -36,6 +36,15 @@ def load_splits(cfg: RunConfig) -> Splits:
     return loaders.load_splits(cfg.task, cfg.seed)
 
 
+def model_max_length(model, wanted: int) -> int:
+    """`wanted`, capped by the model's position table (RoBERTa reserves two positions)."""
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit and cfg.model_type in ("roberta", "xlm-roberta"):
+        limit -= 2
+    return min(wanted, limit) if limit else wanted
+
+
 class EvalWorker:
     def __init__(self, cfg: RunConfig, stats: dict | None = None,
                  loaded: models.LoadedModel | None = None, splits: Splits | None = None):
@@ -46,7 +55,7 @@ class EvalWorker:
         self.model, self.kind, self.device = loaded.model, loaded.kind, loaded.device
         template = resolve_template(spec, self.kind, cfg.task.template, cfg.task.label_words)
         self.prompter = Prompter(loaded.tokenizer, self.kind, spec, template, cfg.task,
-                                 cfg.model.max_length)
+                                 model_max_length(self.model, cfg.model.max_length))
         sizes = {"train": cfg.eval.train_batch_size, "dev": cfg.eval.batch_size,
                  "test": cfg.eval.batch_size}
         self.examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}
@@ -59,6 +68,7 @@ class EvalWorker:
         self.pristine = [tuple(p.weight_view(p.module.weight).clone() for p in pair)
                          for pair in self.arch.sites]
         self.committed: dict[int, np.ndarray] = {}
+        self._stack_cap = 1 << 30  # lowered when a stacked pass runs out of memory
         self.states = [fastpath.capture(self.model, self.arch, b, self.kind)
                        for b in self.batches["train"]]
         self._valid = self.n_layers - 1  # hidden states entering layers <= this are current
@@ -93,13 +103,12 @@ class EvalWorker:
 
     def _merge(self, layer: int, committed: bool = True) -> None:
         z = self.committed.get(layer) if committed else None
-        factors = (self.projector.factors(layer, torch.from_numpy(z[None]))
-                   if z is not None else (None,) * 4)
+        factors = [None] * 4
+        if z is not None:
+            factors = [f[0] for f in self.projector.factors(layer, torch.from_numpy(z[None]))]
         for i, (proj, pristine) in enumerate(zip(self.arch.sites[layer], self.pristine[layer],
                                                  strict=True)):
-            a = factors[2 * i][0] if z is not None else None
-            b = factors[2 * i + 1][0] if z is not None else None
-            merge_delta(proj, pristine, a, b)
+            merge_delta(proj, pristine, factors[2 * i], factors[2 * i + 1])
 
     @torch.no_grad()
     def _prefix(self, layer: int) -> None:
@@ -123,10 +132,18 @@ class EvalWorker:
         self._merge(layer, committed=False)  # candidates replace the layer's committed vector
         try:
             for state in self.states:
-                stack = max(1, self.cfg.eval.max_stack_tokens // state.batch.tokens)
-                for start in range(0, n, stack):
-                    sl = slice(start, min(start + stack, n))
-                    logits = self._stacked(layer, state, z[sl])
+                start = 0
+                while start < n:
+                    sl = slice(start, min(start + self._stack_size(state), n))
+                    try:
+                        logits = self._stacked(layer, state, z[sl])
+                    except torch.OutOfMemoryError:
+                        if sl.stop - sl.start == 1:
+                            raise
+                        # chunk size adapts to memory (method.md §6): halve, remember, retry
+                        self._stack_cap = max(1, (sl.stop - sl.start) // 2)
+                        continue
+                    start = sl.stop
                     losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
                                             self.cfg.eval.hinge_margin)
                     loss_sum[sl] += losses.sum(-1).double().cpu()
@@ -137,8 +154,12 @@ class EvalWorker:
             self._merge(layer)
         return EvalResult((loss_sum / total).numpy(), (correct / total).numpy())
 
+    def _stack_size(self, state: fastpath.BatchState) -> int:
+        by_budget = max(1, self.cfg.eval.max_stack_tokens // state.batch.tokens)
+        return min(by_budget, self._stack_cap)
+
     def _stacked(self, layer: int, state: fastpath.BatchState, z: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.arch.layers[layer].parameters()).dtype
+        dtype = self.pristine[layer][0].dtype
         factors = tuple(f.to(dtype) for f in self.projector.factors(layer, z))
         with installed(self.arch.sites[layer], factors):
             logits = fastpath.suffix_logits(self.arch, self.head, state, layer, z.shape[0])
@@ -213,6 +234,7 @@ class EvalWorker:
             for handle in handles:
                 handle.remove()
         emb = self.model.get_input_embeddings().weight
+        emb = emb[:: max(1, emb.shape[0] // 4096)]  # a fixed row sample: 128k-word vocabularies
         return CalibrationStats(
             qk_input=tuple(robust_std(torch.cat(v)) for v in seen),
             hidden=tuple(robust_std(torch.cat(v)) for v in hidden),
