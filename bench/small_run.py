@@ -31,12 +31,14 @@ def main() -> None:
     parser.add_argument("--layers", default="29,28,27,26,25,24")
     parser.add_argument("--max-test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--actors", type=int, default=0, help="Ray actors (0: in-process)")
     args = parser.parse_args()
     cfg = RunConfig.from_dict({
         "seed": args.seed, "budget": args.budget,
         "task": {"max_test": args.max_test, "template": args.template},
         "schedule": {"layers": [int(x) for x in args.layers.split(",")],
                      "optimizers": args.optimizers.split(",")},
+        "cluster": {"num_actors": args.actors},
     })
     start = time.time()
     res = run(cfg, args.out_dir, reporter=progress_reporter())

@@ -107,6 +107,16 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    num_actors: int = 0  # 0: score in this process; N: N Ray actors (orchestrator/evaluation)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    chunk_size: int | None = None  # candidates per dispatched chunk; null: population/(2 actors)
+    deadline_s: float | None = None  # an actor silent this long is replaced; null: no deadline
+    address: str | None = None  # an existing cluster; null: RAY_ADDRESS or a local one
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 42
     budget: int = 8000  # candidate evaluations on the training set ("API calls")
@@ -116,6 +126,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None = None) -> RunConfig:
@@ -153,7 +164,14 @@ class RunConfig:
             "eval.max_stack_tokens": self.eval.max_stack_tokens,
             "eval.hinge_margin": self.eval.hinge_margin,
             "optimizer.sigma0": self.optimizer.sigma0,
+            "cluster.cpus_per_actor": self.cluster.cpus_per_actor,
         }
+        for key in ("chunk_size", "deadline_s"):  # optional, but positive when given
+            if getattr(self.cluster, key) is not None:
+                positive[f"cluster.{key}"] = getattr(self.cluster, key)
+        if self.cluster.num_actors < 0 or self.cluster.gpus_per_actor < 0:
+            raise ConfigError(f"cluster.num_actors and cluster.gpus_per_actor must be >= 0, got "
+                              f"{self.cluster.num_actors} and {self.cluster.gpus_per_actor}")
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value!r}")

@@ -87,15 +87,27 @@ def run(cfg: RunConfig | None, out_dir: str | Path, *, evaluator: Evaluator | No
         return _result(_state(entry), entry.payload["log"])
     own = evaluator is None
     if own:
-        from orchestrator.evaluation.local import LocalEvaluator
-
         setup = entry.payload["setup"] if entry else {}
-        evaluator = LocalEvaluator(cfg, stats=setup.get("calibration"))
+        evaluator = build_evaluator(cfg, setup.get("calibration"))
     try:
         return _Run(cfg, evaluator, store, entry, reporter).loop(stop_after, out)
     finally:
         if own:
             evaluator.close()
+
+
+def build_evaluator(cfg: RunConfig, stats: dict | None) -> Evaluator:
+    """In-process by default; Ray actors when `cluster.num_actors` > 0."""
+    c = cfg.cluster
+    if c.num_actors == 0:
+        from orchestrator.evaluation.local import LocalEvaluator
+
+        return LocalEvaluator(cfg, stats=stats)
+    from orchestrator.evaluation.ray_eval import RayEvaluator
+
+    return RayEvaluator(cfg, stats=stats, num_actors=c.num_actors, cpus_per_actor=c.cpus_per_actor,
+                        gpus_per_actor=c.gpus_per_actor, chunk_size=c.chunk_size,
+                        deadline_s=c.deadline_s, address=c.address)
 
 
 def _resume_config(cfg: RunConfig | None, entry: Entry) -> RunConfig:

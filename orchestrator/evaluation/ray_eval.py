@@ -1,0 +1,165 @@
+"""The Ray evaluator: one population scored across many actors (the only Ray file here).
+
+A population is cut into fixed chunks by index (`chunk_size`, never dependent on which actors
+are alive), each idle actor takes the next chunk, results come back in any order and are put
+in place by index (shared/style.md 7). Chunks smaller than population / actors let a fast actor
+take more of them. A chunk is always scored whole by one actor, so its losses do not depend on
+which actor scored it, and an actor that dies or misses the deadline only costs a re-dispatch:
+its chunk goes back to the queue and a replacement actor is started, brought to the committed
+state by replaying every commit. With no actor left the generation fails with a clear message
+(the driver's last checkpoint stays resumable).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from common.config import RunConfig
+from common.errors import DfoloraError
+
+from .interface import CandidateId, Evaluation, Evaluator
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to a cluster (`address` or RAY_ADDRESS) or start a local one bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (env.md)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+
+
+class RayEvaluator(Evaluator):
+    def __init__(self, cfg: RunConfig, *, stats: dict | None = None, num_actors: int = 2,
+                 cpus_per_actor: float = 1, gpus_per_actor: float = 0,
+                 chunk_size: int | None = None, deadline_s: float | None = None,
+                 address: str | None = None, actor_args: dict | None = None) -> None:
+        import ray
+
+
+        init_ray(address, None if address else max(1, math.ceil(num_actors * cpus_per_actor)))
+        self._ray, self.cfg, self.deadline = ray, cfg, deadline_s
+        self.chunk_size = chunk_size
+        self._options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
+        self._args = {"threads": max(1, int(cpus_per_actor)), **(actor_args or {})}
+        first = self._spawn(stats)
+        info = ray.get(first.info.remote())
+        self.stats, self._n_layers, self._dim = info["stats"], info["n_layers"], info["dim"]
+        self.actors = [first] + [self._spawn(self.stats) for _ in range(num_actors - 1)]
+        ray.get([a.info.remote() for a in self.actors[1:]])
+        self.committed: dict[int, np.ndarray] = {}
+        self.replacements = 0
+
+    def _spawn(self, stats: dict | None):
+        from workers.actor import EvalActor
+
+        cfg = self.cfg.to_dict()
+        return EvalActor.options(**self._options).remote(cfg, stats, **self._args)
+
+    @property
+    def n_layers(self) -> int:
+        return self._n_layers
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def setup(self) -> dict:
+        return {"calibration": self.stats}
+
+    def _chunk(self, n: int) -> int:
+        # fixed by the population size and the configured actor count, not by who is alive
+        return self.chunk_size or max(1, math.ceil(n / (2 * max(1, len(self.actors)))))
+
+    def evaluate(self, layer: int, Z: np.ndarray, ids: Sequence[CandidateId]) -> Evaluation:
+        if len(ids) != len(Z):
+            raise DfoloraError(f"{len(ids)} candidate ids for a population of {len(Z)}")
+        n, size = len(Z), self._chunk(len(Z))
+        queue = list(range(0, n, size))
+        losses, accs = np.full(n, np.nan), np.full(n, np.nan)
+        running: dict[Any, tuple[Any, int, float]] = {}  # ref -> (actor, start, began)
+        idle = list(self.actors)
+        while queue or running:
+            while queue and idle:
+                actor, start = idle.pop(0), queue.pop(0)
+                ref = actor.evaluate.remote(layer, start, Z[start : start + size])
+                running[ref] = (actor, start, time.monotonic())
+            if not running:
+                raise DfoloraError("no Ray actor is left to score candidates; the last "
+                                   "checkpoint can be resumed once actors can start again")
+            done, _ = self._ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in done:
+                actor, start, _ = running.pop(ref)
+                try:
+                    _, chunk_losses, chunk_accs = self._ray.get(ref)
+                except self._ray.exceptions.RayError:
+                    idle += self._replace(actor, queue, start)
+                    continue
+                losses[start : start + len(chunk_losses)] = chunk_losses
+                accs[start : start + len(chunk_accs)] = chunk_accs
+                idle.append(actor)
+            if self.deadline:
+                for ref, (actor, start, began) in list(running.items()):
+                    if time.monotonic() - began > self.deadline:
+                        running.pop(ref)
+                        self._ray.kill(actor, no_restart=True)
+                        idle += self._replace(actor, queue, start)
+        return Evaluation(losses, accs)
+
+    def _replace(self, dead, queue: list[int], start: int) -> list:
+        """Requeue the dead actor's chunk; start a replacement at the committed state."""
+        queue.insert(0, start)
+        if dead in self.actors:
+            self.actors.remove(dead)
+        try:
+            fresh = self._spawn(self.stats)
+            for layer, z in self.committed.items():
+                fresh.commit.remote(layer, z)  # actor calls run in order: ready before scoring
+            self._ray.get(fresh.info.remote(), timeout=self.deadline)
+        except self._ray.exceptions.RayError:
+            return []  # no replacement: the generation goes on with the live actors
+        self.actors.append(fresh)
+        self.replacements += 1
+        return [fresh]
+
+    def commit(self, layer: int, z: np.ndarray) -> None:
+        self.committed[layer] = np.array(z, dtype=np.float64)
+        self._broadcast("commit", layer, self.committed[layer])
+
+    def _broadcast(self, method: str, *args) -> list:
+        refs = {getattr(a, method).remote(*args): a for a in self.actors}
+        out = []
+        for ref, actor in refs.items():
+            try:
+                out.append(self._ray.get(ref))
+            except self._ray.exceptions.RayError:
+                self._replace(actor, [], 0)
+        if not self.actors:
+            raise DfoloraError("every Ray actor has died; resume from the last checkpoint")
+        return out
+
+    def score(self, split: str) -> dict:
+        """The split divided among the actors; metrics combined on an actor (no torch here)."""
+        n = len(self.actors)
+        parts = [a.predict.remote(split, (i, n)) for i, a in enumerate(self.actors)]
+        return self._ray.get(self.actors[0].combine.remote(*parts))
+
+    def delta_norms(self) -> list[dict]:
+        return self._ray.get(self.actors[0].delta_norms.remote())
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,123 @@
+"""The Ray evaluator on a real local Ray cluster with two actors (tiny random-weight GPT-2)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import tiny
+
+from common.config import RunConfig
+from orchestrator.driver import run
+from orchestrator.evaluation.interface import CandidateId
+from orchestrator.evaluation.local import LocalEvaluator
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.integration
+
+CFG = RunConfig.from_dict({
+    "budget": 48, "optimizer": {"popsize": 8},
+    "task": {"template": "{text} it was", "label_words": ["bad", "great"], "k": 4},
+    "eval": {"train_batch_size": 4},
+    "schedule": {"layers": [2, 1], "optimizers": ["cma", "fwa"]},
+})
+
+
+def ids(layer, n):
+    return [CandidateId(0, layer, 0, i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from orchestrator.evaluation.ray_eval import init_ray
+
+    init_ray(None, 2)
+    yield
+    ray.shutdown()
+
+
+def make_ray(chunk_size=None, **kw):
+    from orchestrator.evaluation.ray_eval import RayEvaluator
+
+    return RayEvaluator(CFG, num_actors=2, chunk_size=chunk_size,
+                        actor_args={"loaded": tiny.model("gpt2"), "splits": tiny.splits()}, **kw)
+
+
+def make_local(stats=None):
+    return LocalEvaluator(CFG, stats=stats, loaded=tiny.model("gpt2"), splits=tiny.splits())
+
+
+def test_distributed_losses_equal_in_process(cluster):
+    remote = make_ray(chunk_size=3)
+    local = make_local(remote.stats)
+    try:
+        z = np.random.default_rng(0).standard_normal((10, remote.dim))
+        for ev in (remote, local):
+            ev.commit(0, z[0])
+        for layer in (1, 2):
+            a = remote.evaluate(layer, z, ids(layer, 10)).losses
+            b = local.evaluate(layer, z, ids(layer, 10)).losses
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+        assert remote.score("test")["accuracy"] == local.score("test")["accuracy"]
+    finally:
+        remote.close()
+
+
+def test_small_run_gives_the_same_final_vectors(cluster, tmp_path):
+    remote = make_ray()
+    try:
+        distributed = run(CFG, tmp_path / "ray", evaluator=remote)
+    finally:
+        remote.close()
+    local = run(CFG, tmp_path / "local", evaluator=make_local(remote.stats))
+    assert distributed.evaluations == local.evaluations
+    for layer, z in local.vectors.items():
+        np.testing.assert_array_equal(distributed.vectors[layer], z)
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "os.kill"])
+def test_actor_killed_mid_generation_loses_nothing(cluster, how):
+    import os
+    import signal
+
+    remote = make_ray(chunk_size=1, deadline_s=60)
+    try:
+        n = 200  # long enough that the kill lands mid-generation
+        z = np.random.default_rng(1).standard_normal((n, remote.dim))
+        remote.commit(2, z[5])
+        undisturbed = remote.evaluate(1, z, ids(1, n)).losses
+        victim = remote.actors[1]
+        pid = ray.get(victim.pid.remote())
+
+        killed = []
+
+        def kill():
+            time.sleep(0.3)
+            killed.append(time.monotonic())
+            if how == "ray.kill":
+                ray.kill(victim, no_restart=True)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill)
+        killer.start()
+        disturbed = remote.evaluate(1, z, ids(1, n)).losses
+        finished = time.monotonic()
+        killer.join()
+        assert killed[0] < finished, "the kill came after the generation: make it longer"
+        np.testing.assert_array_equal(disturbed, undisturbed)
+        assert remote.replacements >= 1 and len(remote.actors) == 2
+        # the replacement holds the committed state: it scores like the others
+        again = remote.evaluate(1, z, ids(1, n)).losses
+        np.testing.assert_array_equal(again, undisturbed)
+    finally:
+        remote.close()
+
+
+
+def test_cluster_config_is_validated():
+    assert CFG.replace(**{"cluster.num_actors": 1}).cluster.num_actors == 1
+    for key, bad in (("cluster.num_actors", -1), ("cluster.cpus_per_actor", 0),
+                     ("cluster.chunk_size", 0)):
+        with pytest.raises(Exception, match=key):
+            CFG.replace(**{key: bad})

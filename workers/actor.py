@@ -1,0 +1,49 @@
+"""The Ray actor: a thin remote shell around the plain `EvalWorker` (the only Ray file here).
+
+Each actor loads the frozen model and the tokenised data once, in its constructor. Actor 0
+calibrates; the others receive its statistics, so every actor regenerates identical maps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from common.config import RunConfig
+from workers.worker import EvalWorker, combine_scores
+
+
+@ray.remote
+class EvalActor:
+    def __init__(self, cfg: dict, stats: dict | None = None, threads: int | None = None,
+                 loaded=None, splits=None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.worker = EvalWorker(RunConfig.from_dict(cfg), stats=stats, loaded=loaded,
+                                 splits=splits)
+
+    def info(self) -> dict:
+        w = self.worker
+        return {"n_layers": w.n_layers, "dim": w.dim, "stats": w.calibration_stats()}
+
+    def commit(self, layer: int, z: np.ndarray) -> None:
+        self.worker.commit(layer, z)
+
+    def evaluate(self, layer: int, start: int, Z: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        result = self.worker.evaluate(layer, Z)
+        return start, result.losses, result.accuracies
+
+    def predict(self, split: str, shard: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        return self.worker.predict(split, shard)
+
+    def combine(self, *parts: tuple[np.ndarray, np.ndarray]) -> dict:
+        return combine_scores(list(parts), self.worker.cfg)
+
+    def delta_norms(self) -> list[dict]:
+        return self.worker.delta_norms()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
