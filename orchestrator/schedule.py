@@ -29,7 +29,7 @@ import numpy as np
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.seeding import derive_seed
-from common.tasks import get_task
+from common.tasks import task_spec
 from orchestrator.evaluation.interface import CandidateId, Evaluation
 from orchestrator.optimizers import Optimizer, make_optimizer
 from orchestrator.validation import methods, optimizer_options
@@ -116,10 +116,7 @@ def layer_order(cfg: RunConfig, n_layers: int) -> tuple[int, ...]:
 
 def selection_metric(cfg: RunConfig) -> str:
     """The dev metric that picks the snapshot: the task's (accuracy; F1 for MRPC)."""
-    try:
-        return get_task(cfg.task.name).metric
-    except ConfigError:
-        return "accuracy"
+    return task_spec(cfg.task).metric  # custom tasks included
 
 
 class Schedule:

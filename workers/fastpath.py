@@ -40,7 +40,7 @@ class BatchState:
     hidden: list[torch.Tensor | None] = field(default_factory=list)  # entering each layer
 
 
-def model_inputs(model: nn.Module, batch: Batch, kind: str) -> dict:
+def model_inputs(batch: Batch, kind: str) -> dict:
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if kind == "causal":
         inputs["use_cache"] = False
@@ -64,7 +64,7 @@ def capture(model: nn.Module, arch: Architecture, batch: Batch, kind: str) -> Ba
                for i, layer in enumerate(arch.layers)]
     handles.append(arch.layers[-1].register_forward_hook(stop))
     try:
-        model(**model_inputs(model, batch, kind))
+        model(**model_inputs(batch, kind))
     except _Stop:
         pass
     finally:

@@ -54,7 +54,7 @@ def reference_losses(worker: EvalWorker, layer: int, population,
             try:
                 losses, count = 0.0, 0
                 for batch in batches:
-                    inputs = fastpath.model_inputs(worker.model, batch, worker.kind)
+                    inputs = fastpath.model_inputs(batch, worker.kind)
                     logits = worker.model(**inputs).logits  # full vocabulary, every position
                     scored = fastpath.gather_positions(logits, batch.positions)[:, label_ids]
                     per = example_losses(scored, batch.labels, worker.cfg.eval.loss,

@@ -169,7 +169,7 @@ class EvalWorker:
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
         """Label logits of the committed model for one batch (a plain full forward)."""
-        inputs = fastpath.model_inputs(self.model, batch, self.kind)
+        inputs = fastpath.model_inputs(batch, self.kind)
         hidden = self.model.base_model(**inputs).last_hidden_state
         return self.head(fastpath.gather_positions(hidden, batch.positions))
 
