@@ -1,0 +1,180 @@
+"""Dispatch efficiency of the Ray evaluator, with simulated scoring at a fixed cost per candidate.
+
+    python bench/dispatch.py [--cost 0.02] [--generations 3] [--actors 1,2,4,8,16]
+                             [--populations 20,256] [--chunk-size N]
+
+The real `RayEvaluator` (orchestrator/evaluation/ray_eval.py) drives actors whose `evaluate`
+sleeps `cost * len(Z)` seconds and returns the squared norm of each row as its loss, so the time
+of a generation is the scoring time plus everything the evaluator adds: chunking, dispatch, the
+round trips and the wait loop. Sleeping actors use no CPU, so 16 of them fit on 2 cores; they are
+created with num_cpus=0 so Ray schedules them all.
+
+For each (actors, population): one warm-up generation, then the median of `--generations` timed
+ones, against two references:
+  ideal_s      ceil(population / actors) * cost: the perfect split, no overhead;
+  chunk_ideal_s the best the evaluator's fixed chunks allow: chunks handed in order to the first
+               idle actor, no overhead. ideal_s / chunk_ideal_s is lost to chunk granularity,
+               chunk_ideal_s / measured_s to dispatch overhead.
+efficiency = ideal_s / measured_s. Every generation checks that each candidate got its own loss.
+
+The last line of stdout is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import RunConfig  # noqa: E402
+from orchestrator.evaluation.interface import CandidateId  # noqa: E402
+from orchestrator.evaluation.ray_eval import RayEvaluator, init_ray  # noqa: E402
+
+
+@ray.remote
+class SimActor:
+    """EvalActor's remote methods that the evaluator calls, with scoring replaced by a sleep."""
+
+    def __init__(self, cfg: dict, stats: dict | None = None, threads: int | None = None,
+                 cost: float = 0.02, dim: int = 8, n_layers: int = 4) -> None:
+        self.cost, self.dim, self.n_layers = cost, dim, n_layers
+        self.stats = stats if stats is not None else {"simulated": True}
+        self.committed: dict[int, np.ndarray] = {}
+
+    def info(self) -> dict:
+        return {"n_layers": self.n_layers, "dim": self.dim, "stats": self.stats}
+
+    def commit(self, layer: int, z: np.ndarray) -> None:
+        self.committed[layer] = np.asarray(z)
+
+    def evaluate(self, layer: int, start: int, Z: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        time.sleep(self.cost * len(Z))
+        return start, expected_losses(Z), np.zeros(len(Z))
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+if __name__ != "__main__" and __name__ in sys.modules:
+    # imported (e.g. by a test) from a folder Ray workers cannot import: ship SimActor by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def expected_losses(Z: np.ndarray) -> np.ndarray:
+    """The simulated loss: each row's squared norm, so a misplaced result is caught exactly."""
+    return np.einsum("ij,ij->i", Z, Z)
+
+
+def chunk_makespan(sizes: list[int], actors: int, cost: float) -> float:
+    """Generation time with no overhead: chunks in index order, each to the first idle actor."""
+    free = [0.0] * actors
+    for size in sizes:
+        began = heapq.heappop(free)
+        heapq.heappush(free, began + cost * size)
+    return max(free)
+
+
+def time_generations(ev: RayEvaluator, population: int, generations: int, rng) -> list[float]:
+    """Wall time of each timed generation after one warm-up; every loss is checked in place."""
+    times = []
+    for gen in range(generations + 1):
+        Z = rng.standard_normal((population, ev.dim))
+        ids = [CandidateId(0, 0, gen, i) for i in range(population)]
+        began = time.perf_counter()
+        losses = ev.evaluate(0, Z, ids).losses
+        elapsed = time.perf_counter() - began
+        if not np.array_equal(losses, expected_losses(Z)):
+            raise AssertionError(f"misplaced losses at population {population}, generation {gen}")
+        if gen:  # generation 0 warms up the actors and Ray's paths
+            times.append(elapsed)
+    return times
+
+
+def measure(actors: int, populations: list[int], cost: float, generations: int,
+            chunk_size: int | None = None, seed: int = 0) -> list[dict]:
+    """One evaluator with `actors` simulated actors; one result row per population."""
+    ev = RayEvaluator(RunConfig.from_dict({"seed": seed}), num_actors=actors, cpus_per_actor=0,
+                      chunk_size=chunk_size, actor_cls=SimActor, actor_args={"cost": cost})
+    rng = np.random.default_rng([seed, actors])
+    rows = []
+    try:
+        for n in populations:
+            sizes = [stop - start for start, stop in ev._chunks(n)]
+            measured = statistics.median(time_generations(ev, n, generations, rng))
+            ideal = math.ceil(n / actors) * cost
+            rows.append({"actors": actors, "population": n, "chunk_size": max(sizes),
+                         "chunks": len(sizes),
+                         "ideal_s": round(ideal, 4),
+                         "chunk_ideal_s": round(chunk_makespan(sizes, actors, cost), 4),
+                         "measured_s": round(measured, 4),
+                         "efficiency": round(ideal / measured, 3)})
+    finally:
+        ev.close()
+    return rows
+
+
+def run_bench(actor_counts: list[int], populations: list[int], cost: float, generations: int,
+              chunk_size: int | None = None) -> dict:
+    rows = [row for a in actor_counts
+            for row in measure(a, populations, cost, generations, chunk_size)]
+    return {"cost_s": cost, "generations": generations, "chunk_size_option": chunk_size,
+            "results": rows,
+            "efficiency": {f"{r['actors']}x{r['population']}": r["efficiency"] for r in rows}}
+
+
+def table(result: dict) -> str:
+    head = (f"{'actors':>6} {'pop':>5} {'chunk':>5} {'ideal_s':>8} {'chunk_ideal':>11} "
+            f"{'measured_s':>10} {'efficiency':>10} {'overhead':>8}")
+    lines = [f"cost {result['cost_s'] * 1000:g} ms/candidate, median of "
+             f"{result['generations']} generations after a warm-up", head]
+    for r in result["results"]:
+        lines.append(f"{r['actors']:>6} {r['population']:>5} {r['chunk_size']:>5} "
+                     f"{r['ideal_s']:>8.3f} {r['chunk_ideal_s']:>11.3f} {r['measured_s']:>10.3f} "
+                     f"{r['efficiency']:>10.3f} "
+                     f"{r['measured_s'] - r['chunk_ideal_s']:>+8.3f}")
+    return "\n".join(lines)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--cost", type=float, default=0.02,
+                        help="simulated scoring seconds per candidate")
+    parser.add_argument("--generations", type=int, default=3,
+                        help="timed generations per setting (after one warm-up); the median counts")
+    parser.add_argument("--actors", type=ints, default=[1, 2, 4, 8, 16],
+                        help="comma-separated actor counts")
+    parser.add_argument("--populations", type=ints, default=[20, 256],
+                        help="comma-separated population sizes")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="candidates per chunk (default: the evaluator's own choice)")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    args = parser.parse_args()
+    init_ray(None, args.num_cpus)
+    try:
+        result = run_bench(args.actors, args.populations, args.cost, args.generations,
+                           args.chunk_size)
+    finally:
+        ray.shutdown()
+    print(table(result))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The dispatch benchmark (bench/dispatch.py) on a tiny setting: losses in place, JSON shape."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "dispatch.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # bench/ is not a package: load the file under a module name of its own
+    spec = importlib.util.spec_from_file_location("dispatch_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def cluster(bench):
+    bench.init_ray(None, 2)
+    yield
+    ray.shutdown()
+
+
+def test_chunk_makespan_counts_rounds_of_chunks(bench):
+    assert bench.chunk_makespan([3] * 6 + [2], 4, 1.0) == 6.0  # 7 chunks: two rounds of 3
+    assert bench.chunk_makespan([5] * 4, 4, 1.0) == 5.0
+    assert bench.chunk_makespan([2, 2, 2, 1], 2, 1.0) == 4.0  # the last chunk is short
+    assert bench.chunk_makespan([3] * 4 + [2] * 4, 4, 1.0) == 5.0  # the default split of 20
+
+
+def test_every_candidate_gets_its_own_loss(bench, cluster):
+    from common.config import RunConfig
+    from orchestrator.evaluation.interface import CandidateId
+
+    ev = bench.RayEvaluator(RunConfig.from_dict({}), num_actors=2, cpus_per_actor=0,
+                            chunk_size=3, actor_cls=bench.SimActor, actor_args={"cost": 0.001})
+    try:
+        Z = np.random.default_rng(0).standard_normal((8, ev.dim))
+        result = ev.evaluate(0, Z, [CandidateId(0, 0, 0, i) for i in range(8)])
+        np.testing.assert_array_equal(result.losses, bench.expected_losses(Z))
+    finally:
+        ev.close()
+
+
+def test_bench_reports_every_setting(bench, cluster):
+    result = json.loads(json.dumps(bench.run_bench([2], [8], cost=0.001, generations=1)))
+    (row,) = result["results"]
+    assert row["actors"] == 2 and row["population"] == 8 and row["chunk_size"] == 2
+    assert row["ideal_s"] == pytest.approx(0.004)
+    assert row["measured_s"] > 0 and row["efficiency"] == pytest.approx(
+        row["ideal_s"] / row["measured_s"], rel=0.01)
+    assert result["efficiency"] == {"2x8": row["efficiency"]}
+    assert len(bench.table(result).splitlines()) == 3  # title, header, one row
+
+
+def test_default_chunks_are_near_equal_index_ranges():
+    from types import SimpleNamespace
+
+    from orchestrator.evaluation.ray_eval import RayEvaluator
+
+    def chunks(n, actors, size=None):
+        return RayEvaluator._chunks(SimpleNamespace(chunk_size=size, num_actors=actors), n)
+
+    assert [b - a for a, b in chunks(20, 8)] == [2] * 4 + [1] * 12
+    assert [b - a for a, b in chunks(20, 4)] == [3] * 4 + [2] * 4
+    assert chunks(3, 8) == [(0, 1), (1, 2), (2, 3)]
+    assert chunks(7, 2, size=3) == [(0, 3), (3, 6), (6, 7)]
+    for n, actors in [(20, 3), (256, 16), (1, 1)]:
+        c = chunks(n, actors)
+        assert c[0][0] == 0 and c[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(c, c[1:], strict=False))
