@@ -16,7 +16,6 @@ unless the driver builds the in-process evaluator itself.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -28,10 +27,12 @@ import numpy as np
 
 from common.config import RunConfig
 from common.errors import ConfigError
-from orchestrator.checkpoint import CheckpointStore, Entry, atomic_write, npz_bytes
+from orchestrator.checkpoint import CheckpointStore, Entry, atomic_write
 from orchestrator.evaluation.interface import CandidateId, Evaluator, check_evaluation
 from orchestrator.optimizers import restore_optimizer
-from orchestrator.schedule import Schedule, ScheduleState
+from orchestrator.plots import draw_plots
+from orchestrator.runfolder import CHECKPOINTS, METRICS, PLOTS, RunFolder
+from orchestrator.schedule import Schedule, ScheduleState, selection_metric
 from orchestrator.validation import validate_run
 
 Reporter = Callable[[dict], None]
@@ -51,6 +52,7 @@ class RunResult:
     seconds: float  # wall seconds over every session of the run
     vectors: dict[int, np.ndarray]  # the committed vectors at the end of the search
     best_vectors: dict[int, np.ndarray]  # the best-dev snapshot's: the final adapter
+    peak_memory_mb: float | None = None  # of the scoring processes (common/memory.py)
 
     def summary(self) -> dict:
         """JSON-safe figures without vectors and per-generation metrics."""
@@ -71,26 +73,29 @@ def run(cfg: RunConfig | None, out_dir: str | Path, *, evaluator: Evaluator | No
     return, unfinished, once this many generations are done and checkpointed (tests use it to
     simulate an interruption).
     """
-    out = Path(out_dir)
-    store = CheckpointStore(out / "checkpoint")
+    folder = RunFolder(out_dir)
+    store = CheckpointStore(folder / CHECKPOINTS)
     entry = None
     if store.exists():
         if not resume:
-            raise ConfigError(f"'{out}' already holds a checkpoint: resume it or choose another "
-                              f"output folder")
+            raise ConfigError(f"'{folder.path}' already holds a checkpoint: resume it or choose "
+                              f"another output folder")
         entry = store.load()
         cfg = _resume_config(cfg, entry)
     elif cfg is None:
-        raise ConfigError(f"nothing to resume in '{out}' and no config given")
+        raise ConfigError(f"nothing to resume in '{folder.path}' and no config given")
     validate_run(cfg)  # before any model is loaded
     if entry is not None and entry.payload["schedule"]["phase"] == "done":
         return _result(_state(entry), entry.payload["log"])
+    folder.prepare(resume=True)  # the caller decides whether a non-empty folder is welcome
+    if entry is None:
+        folder.write_config(cfg)
     own = evaluator is None
     if own:
         setup = entry.payload["setup"] if entry else {}
         evaluator = build_evaluator(cfg, setup.get("calibration"))
     try:
-        return _Run(cfg, evaluator, store, entry, reporter).loop(stop_after, out)
+        return _Run(cfg, evaluator, store, entry, reporter, folder).loop(stop_after)
     finally:
         if own:
             evaluator.close()
@@ -134,14 +139,15 @@ class _Run:
     """One session of a run: the schedule, its evaluator and checkpoints."""
 
     def __init__(self, cfg: RunConfig, evaluator: Evaluator, store: CheckpointStore,
-                 entry: Entry | None, reporter: Reporter | None) -> None:
-        self.cfg, self.ev, self.store = cfg, evaluator, store
+                 entry: Entry | None, reporter: Reporter | None, folder: RunFolder) -> None:
+        self.cfg, self.ev, self.store, self.folder = cfg, evaluator, store, folder
         self.reporter = reporter or (lambda record: None)
         self.started = time.perf_counter()
         if entry is None:
             self.schedule = Schedule(cfg, evaluator.n_layers, evaluator.dim)
             self.log: dict[str, Any] = {"metrics": [], "dev": [], "zero_shot": None,
-                                        "final": None, "seconds": 0.0}
+                                        "final": None, "seconds": 0.0, "emitted": 0,
+                                        "peak_memory_mb": None}
             self.setup = evaluator.setup()
         else:
             optimizers = {key: restore_optimizer(state)
@@ -150,6 +156,7 @@ class _Run:
                                      optimizers)
             self.log, self.setup = entry.payload["log"], entry.payload["setup"]
         self.seconds_before = self.log["seconds"]
+        _keep_lines(folder / METRICS, self.log["emitted"])  # drop a replayed step's records
         # Install the assembled state in every scheduled layer, in a fresh run too (zeros): an
         # evaluator may cache what it computed from committed layers (the worker's prefix
         # states), and the same commits at the start keep that cache, and so every loss, the
@@ -157,7 +164,7 @@ class _Run:
         for layer, z in self.schedule.state.vectors.items():
             self.ev.commit(layer, z)
 
-    def loop(self, stop_after: int | None, out: Path) -> RunResult:
+    def loop(self, stop_after: int | None) -> RunResult:
         steps = {"start": self._start, "search": self._search, "dev": self._dev,
                  "final": self._final}
         state = self.schedule.state
@@ -168,13 +175,20 @@ class _Run:
                 break
         result = _result(self.schedule.state, self.log)
         if result.finished:
-            _write_outputs(out, self.cfg, result)
+            self.folder.write_vectors(result.best_vectors)
+            self.folder.write_results(results_summary(self.cfg, result))
         return result
 
     def _emit(self, record: dict, kind: str | None = None) -> None:
         if kind is not None:
             self.log[kind].append(record)
+        # metrics.jsonl gets the record before the checkpoint that counts it, so a resumed
+        # session keeps exactly the first `emitted` lines (a replayed step's are dropped)
+        self.folder.append_metrics(record)
+        self.log["emitted"] += 1
         self.reporter(record)
+        if record["event"] in ("dev", "final"):
+            draw_plots(self.folder / PLOTS, self.log, final=record["event"] == "final")
 
     def _start(self) -> None:
         dev, test = self.ev.score("dev"), self.ev.score("test")
@@ -194,7 +208,11 @@ class _Run:
         record, commit = self.schedule.tell(gen, result)
         if commit is not None:
             self.ev.commit(gen.layer, commit)
-        record["seconds"] = time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        record.update(seconds=seconds, candidates_per_s=len(gen.Z) / seconds,
+                      actors=self.ev.parallelism,
+                      candidates_per_s_per_actor=len(gen.Z) / seconds / self.ev.parallelism,
+                      wall_seconds=self._wall())
         self._emit(record, "metrics")
 
     def _dev(self) -> None:
@@ -206,12 +224,21 @@ class _Run:
             self.ev.commit(layer, z)
         final = {split: self.ev.score(split) for split in ("train", "dev", "test")}
         final["delta_norms"] = self.ev.delta_norms()
+        adapter = self.ev.adapter()
+        if adapter is not None:
+            self.folder.write_adapter(*adapter)
         self.log["final"] = final
         self.schedule.finish()
         self._emit({"event": "final", "best_dev_round": snapshot.round, **final})
 
+    def _wall(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
     def _checkpoint(self) -> None:
-        self.log["seconds"] = self.seconds_before + time.perf_counter() - self.started
+        self.log["seconds"] = self._wall()
+        peak = self.ev.peak_memory_mb()
+        if peak is not None:  # the largest over every session of the run
+            self.log["peak_memory_mb"] = max(peak, self.log.get("peak_memory_mb") or 0.0)
         plain, arrays = self.schedule.state.to_plain()
         payload = {"config": self.cfg.to_dict(), "schedule": plain, "log": self.log,
                    "setup": self.setup}
@@ -228,12 +255,30 @@ def _result(s: ScheduleState, log: dict) -> RunResult:
                                              "evaluations": snap.evaluations, "dev": snap.dev},
         evaluations=s.evaluations, generations=s.generation, seconds=log["seconds"],
         vectors={k: v.copy() for k, v in s.vectors.items()},
-        best_vectors={} if snap is None else {k: v.copy() for k, v in snap.vectors.items()})
+        best_vectors={} if snap is None else {k: v.copy() for k, v in snap.vectors.items()},
+        peak_memory_mb=log.get("peak_memory_mb"))
 
 
-def _write_outputs(out: Path, cfg: RunConfig, result: RunResult) -> None:
-    """result.json (figures and config) and best_vectors.npz (the final adapter's vectors)."""
-    summary = {**result.summary(), "config": cfg.to_dict()}
-    atomic_write(out / "result.json", json.dumps(summary, indent=2).encode())
-    arrays = {f"layer_{k}": v for k, v in sorted(result.best_vectors.items())}
-    atomic_write(out / "best_vectors.npz", npz_bytes(arrays))
+
+def method_name(cfg: RunConfig) -> str:
+    """'dfo-lora:cma', 'dfo-lora:cma+fwa', ...: the search's optimisers, in schedule order."""
+    return "dfo-lora:" + "+".join(cfg.schedule.optimizers or (cfg.optimizer.name,))
+
+
+def results_summary(cfg: RunConfig, result: RunResult) -> dict:
+    """results.json: the fields every method of the harness reports, then the run's details."""
+    return {"method": method_name(cfg), "task": cfg.task.name, "model": cfg.model.name,
+            "template": cfg.task.template, "seed": cfg.seed, "metric": selection_metric(cfg),
+            "zero_shot": result.zero_shot,
+            "final": result.final, "evaluations": result.evaluations,
+            "wall_seconds": round(result.seconds, 3), "peak_memory_mb": result.peak_memory_mb,
+            "generations": result.generations, "best_dev": result.best_dev,
+            "stop_reason": result.stop_reason, "finished": result.finished}
+
+
+def _keep_lines(path: Path, count: int) -> None:
+    """Truncate a JSON-lines file to its first `count` complete lines."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().split(b"\n")[:count]
+    atomic_write(path, b"".join(line + b"\n" for line in lines if line))

@@ -62,6 +62,47 @@ def jsonl_reporter(path: str | Path) -> Reporter:
     return report
 
 
+def bar_reporter(budget: int, stream: TextIO | None = None) -> Reporter:
+    """A live tqdm bar over the evaluation budget: round/layer, best loss, dev metric,
+    candidates/s and ETA; dev evaluations and the final scores are printed above it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=budget, unit="eval", file=stream or sys.stderr, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} evals [{elapsed}<{remaining}]"
+                          "{postfix}")
+    shown = {"dev": None}
+
+    def report(record: dict) -> None:
+        event = record.get("event")
+        if event == "generation":
+            bar.update(record["evaluations"] - bar.n)
+            dev = shown["dev"]
+            bar.set_postfix_str(
+                f"round {record['round']} layer {record['layer']} {record['method']} "
+                f"best {_num(record['best_loss'])} dev {'-' if dev is None else f'{dev:.3f}'} "
+                f"{record.get('candidates_per_s', 0):.1f} cand/s", refresh=True)
+        elif event in ("start", "dev"):
+            metric = record.get("metric", "accuracy")
+            shown["dev"] = record["dev"][metric]
+            bar.write(progress_line(record))
+        elif event == "final":
+            bar.close()
+            print(progress_line(record), file=stream or sys.stderr, flush=True)
+        else:
+            bar.write(progress_line(record))
+
+    return report
+
+
+def stream_jsonl_reporter(stream: TextIO | None = None) -> Reporter:
+    """Every record as one JSON line on `stream` (default stdout): for cluster job logs."""
+
+    def report(record: dict) -> None:
+        print(json.dumps(record), file=stream or sys.stdout, flush=True)
+
+    return report
+
+
 def fan_out(*reporters: Reporter) -> Reporter:
     def report(record: dict) -> None:
         for reporter in reporters:

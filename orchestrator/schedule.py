@@ -205,7 +205,8 @@ class Schedule:
                                   {k: v.copy() for k, v in s.vectors.items()})
         record = {"event": "dev", "round": s.round, "complete": s.position == len(self.order),
                   "generation": s.generation, "evaluations": s.evaluations,
-                  "loss_star": s.loss_star, "dev": dev, "improved": improved,
+                  "loss_star": s.loss_star, "dev": dev, "metric": self.metric,
+                  "improved": improved,
                   "best_dev_round": s.best_dev.round, "delta_norms": delta_norms or []}
         if s.position == len(self.order):
             if s.round_generations == 0 and s.stop_reason is None:

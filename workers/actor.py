@@ -43,6 +43,16 @@ class EvalActor:
     def delta_norms(self) -> list[dict]:
         return self.worker.delta_norms()
 
+    def adapter(self) -> tuple[dict, dict]:
+        from workers.export import peft_adapter
+
+        return peft_adapter(self.worker)
+
+    def peak_memory_mb(self) -> float:
+        from common.memory import peak_memory_mb
+
+        return peak_memory_mb(self.worker.device)
+
     def pid(self) -> int:
         import os
 

@@ -58,9 +58,23 @@ class Evaluator(abc.ABC):
         """Metrics of the committed state on 'train', 'dev' or 'test': at least loss, accuracy,
         f1 and n."""
 
+    @property
+    def parallelism(self) -> int:
+        """How many processes score candidates at once (Ray actors), for per-actor rates."""
+        return 1
+
     def delta_norms(self) -> list[dict]:
         """Relative size of each committed delta per layer (method.md §2), if known."""
         return []
+
+    def adapter(self) -> tuple[dict, dict] | None:
+        """The committed state in PEFT's LoRA format: (numpy tensors, adapter_config), if the
+        evaluator can build it (workers/export.py)."""
+        return None
+
+    def peak_memory_mb(self) -> float | None:
+        """Peak memory of the scoring processes (common/memory.py), if known."""
+        return None
 
     def setup(self) -> dict:
         """JSON-safe facts a resumed run needs to rebuild this evaluator identically (for

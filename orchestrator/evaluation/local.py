@@ -50,5 +50,15 @@ class LocalEvaluator(Evaluator):
     def delta_norms(self) -> list[dict]:
         return self.worker.delta_norms()
 
+    def adapter(self) -> tuple[dict, dict]:
+        from workers.export import peft_adapter
+
+        return peft_adapter(self.worker)
+
+    def peak_memory_mb(self) -> float:
+        from common.memory import peak_memory_mb
+
+        return peak_memory_mb(self.worker.device)
+
     def setup(self) -> dict:
         return {"calibration": self.worker.calibration_stats()}

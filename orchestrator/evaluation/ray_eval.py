@@ -45,13 +45,16 @@ class RayEvaluator(Evaluator):
     def __init__(self, cfg: RunConfig, *, stats: dict | None = None, num_actors: int = 2,
                  cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                  chunk_size: int | None = None, deadline_s: float | None = None,
-                 address: str | None = None, actor_args: dict | None = None) -> None:
+                 address: str | None = None, actor_args: dict | None = None,
+                 actor_cls: Any = None) -> None:
         import ray
 
-
+        # actor_cls: a Ray actor class with EvalActor's remote methods (default EvalActor); the
+        # dispatch benchmark passes one that simulates scoring (bench/dispatch.py)
+        self._actor_cls = actor_cls
         init_ray(address, None if address else max(1, math.ceil(num_actors * cpus_per_actor)))
         self._ray, self.cfg, self.deadline = ray, cfg, deadline_s
-        self.chunk_size = chunk_size
+        self.chunk_size, self.num_actors = chunk_size, num_actors
         self._options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor}
         self._args = {"threads": max(1, int(cpus_per_actor)), **(actor_args or {})}
         first = self._spawn(stats)
@@ -63,10 +66,12 @@ class RayEvaluator(Evaluator):
         self.replacements = 0
 
     def _spawn(self, stats: dict | None):
-        from workers.actor import EvalActor
+        cls = self._actor_cls
+        if cls is None:
+            from workers.actor import EvalActor as cls  # torch is imported only when needed
 
         cfg = self.cfg.to_dict()
-        return EvalActor.options(**self._options).remote(cfg, stats, **self._args)
+        return cls.options(**self._options).remote(cfg, stats, **self._args)
 
     @property
     def n_layers(self) -> int:
@@ -79,48 +84,57 @@ class RayEvaluator(Evaluator):
     def setup(self) -> dict:
         return {"calibration": self.stats}
 
-    def _chunk(self, n: int) -> int:
-        # fixed by the population size and the configured actor count, not by who is alive
-        return self.chunk_size or max(1, math.ceil(n / (2 * max(1, len(self.actors)))))
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """(start, stop) index ranges, fixed by the population size and the configured actor
+        count, never by who is alive. Default: 2 x actors near-equal chunks, larger first
+        (np.array_split's rule), so 20 candidates on 8 actors are 4 x 2 + 12 x 1 rather than
+        10 x 2: equal-size chunks can leave one extra round (bench/dispatch.py measured it)."""
+        if self.chunk_size:
+            return [(s, min(s + self.chunk_size, n)) for s in range(0, n, self.chunk_size)]
+        parts = min(n, 2 * self.num_actors)
+        base, extra = divmod(n, parts)
+        bounds = np.cumsum([0] + [base + (i < extra) for i in range(parts)])
+        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def evaluate(self, layer: int, Z: np.ndarray, ids: Sequence[CandidateId]) -> Evaluation:
         if len(ids) != len(Z):
             raise DfoloraError(f"{len(ids)} candidate ids for a population of {len(Z)}")
-        n, size = len(Z), self._chunk(len(Z))
-        queue = list(range(0, n, size))
+        n = len(Z)
+        queue = self._chunks(n)
         losses, accs = np.full(n, np.nan), np.full(n, np.nan)
-        running: dict[Any, tuple[Any, int, float]] = {}  # ref -> (actor, start, began)
+        running: dict[Any, tuple[Any, tuple[int, int], float]] = {}  # ref -> (actor, chunk, t)
         idle = list(self.actors)
         while queue or running:
             while queue and idle:
-                actor, start = idle.pop(0), queue.pop(0)
-                ref = actor.evaluate.remote(layer, start, Z[start : start + size])
-                running[ref] = (actor, start, time.monotonic())
+                actor, (start, stop) = idle.pop(0), queue.pop(0)
+                ref = actor.evaluate.remote(layer, start, Z[start:stop])
+                running[ref] = (actor, (start, stop), time.monotonic())
             if not running:
                 raise DfoloraError("no Ray actor is left to score candidates; the last "
                                    "checkpoint can be resumed once actors can start again")
             done, _ = self._ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
-                actor, start, _ = running.pop(ref)
+                actor, chunk, _ = running.pop(ref)
                 try:
                     _, chunk_losses, chunk_accs = self._ray.get(ref)
                 except self._ray.exceptions.RayError:
-                    idle += self._replace(actor, queue, start)
+                    idle += self._replace(actor, queue, chunk)
                     continue
-                losses[start : start + len(chunk_losses)] = chunk_losses
-                accs[start : start + len(chunk_accs)] = chunk_accs
+                losses[chunk[0] : chunk[1]] = chunk_losses
+                accs[chunk[0] : chunk[1]] = chunk_accs
                 idle.append(actor)
             if self.deadline:
-                for ref, (actor, start, began) in list(running.items()):
+                for ref, (actor, chunk, began) in list(running.items()):
                     if time.monotonic() - began > self.deadline:
                         running.pop(ref)
                         self._ray.kill(actor, no_restart=True)
-                        idle += self._replace(actor, queue, start)
+                        idle += self._replace(actor, queue, chunk)
         return Evaluation(losses, accs)
 
-    def _replace(self, dead, queue: list[int], start: int) -> list:
+    def _replace(self, dead, queue: list[tuple[int, int]], chunk: tuple[int, int] | None) -> list:
         """Requeue the dead actor's chunk; start a replacement at the committed state."""
-        queue.insert(0, start)
+        if chunk is not None:
+            queue.insert(0, chunk)
         if dead in self.actors:
             self.actors.remove(dead)
         try:
@@ -145,7 +159,7 @@ class RayEvaluator(Evaluator):
             try:
                 out.append(self._ray.get(ref))
             except self._ray.exceptions.RayError:
-                self._replace(actor, [], 0)
+                self._replace(actor, [], None)
         if not self.actors:
             raise DfoloraError("every Ray actor has died; resume from the last checkpoint")
         return out
@@ -158,6 +172,18 @@ class RayEvaluator(Evaluator):
 
     def delta_norms(self) -> list[dict]:
         return self._ray.get(self.actors[0].delta_norms.remote())
+
+    @property
+    def parallelism(self) -> int:
+        return len(self.actors)
+
+    def adapter(self) -> tuple[dict, dict]:
+        return self._ray.get(self.actors[0].adapter.remote())
+
+    def peak_memory_mb(self) -> float | None:
+        """The largest peak over the live actors (one model replica each)."""
+        peaks = self._broadcast("peak_memory_mb")
+        return max(peaks) if peaks else None
 
     def close(self) -> None:
         for actor in self.actors:

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import tiny
+import yaml
 from layered import LayeredQuadratic
 
 from common.config import RunConfig
@@ -39,10 +40,22 @@ def config(budget=90, **schedule) -> RunConfig:
                                 "schedule": schedule})
 
 
+TIMING = {"seconds", "wall_seconds", "candidates_per_s", "candidates_per_s_per_actor"}
+
+
+def untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def metrics_lines(folder) -> list[dict]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [untimed(json.loads(line)) for line in lines]
+
+
 def trajectory(result) -> dict:
     """Everything a resumed run must reproduce exactly (wall-clock seconds excepted)."""
     return {
-        "metrics": [{k: v for k, v in r.items() if k != "seconds"} for r in result.metrics],
+        "metrics": [untimed(r) for r in result.metrics],
         "dev": result.dev_history, "zero_shot": result.zero_shot, "final": result.final,
         "best_dev": result.best_dev, "evaluations": result.evaluations,
         "vectors": {k: v.tobytes() for k, v in result.vectors.items()},
@@ -63,6 +76,7 @@ def test_resume_after_generation_g_is_bit_identical(tmp_path, case):
         resumed = run(None, folder, evaluator=LayeredQuadratic(), resume=True)
         assert resumed.finished
         assert trajectory(resumed) == trajectory(full), f"stopped after generation {g}"
+        assert metrics_lines(folder) == metrics_lines(tmp_path / "full")
 
 
 def test_several_interruptions_and_a_damaged_latest_entry(tmp_path):
@@ -72,7 +86,7 @@ def test_several_interruptions_and_a_damaged_latest_entry(tmp_path):
     run(cfg, folder, evaluator=LayeredQuadratic(), stop_after=3)
     run(cfg, folder, evaluator=LayeredQuadratic(), resume=True, stop_after=8)
     # a torn write of the newest entry: resume falls back to the one before it
-    store = folder / "checkpoint"
+    store = folder / "checkpoints"
     latest = int((store / "LATEST").read_text())
     (store / f"ckpt-{latest:06d}.json").write_text('{"format": 1, "step": ')
     (store / "leftover.tmp").write_bytes(b"partial")
@@ -82,8 +96,9 @@ def test_several_interruptions_and_a_damaged_latest_entry(tmp_path):
 
 
 def test_folder_keeps_two_entries_and_only_the_files_they_use(tmp_path):
-    run(config(budget=60, optimizers=["cma", "fwa"]), tmp_path, evaluator=LayeredQuadratic())
-    store = tmp_path / "checkpoint"
+    cfg = config(budget=60, optimizers=["cma", "fwa"])
+    run(cfg, tmp_path, evaluator=LayeredQuadratic())
+    store = tmp_path / "checkpoints"
     latest = int((store / "LATEST").read_text())
     entries = sorted(p.name for p in store.glob("ckpt-*"))
     assert entries == [f"ckpt-{s:06d}{ext}" for s in (latest - 1, latest)
@@ -102,8 +117,9 @@ def test_folder_keeps_two_entries_and_only_the_files_they_use(tmp_path):
     # exported results are pickle-free
     with np.load(tmp_path / "best_vectors.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == [f"layer_{k}" for k in range(4)]
-    summary = json.loads((tmp_path / "result.json").read_text())
-    assert summary["finished"] and summary["config"]["budget"] == 60
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["finished"] and summary["evaluations"] <= 60
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.to_dict()
 
 
 def test_resume_refusals_and_conveniences(tmp_path):

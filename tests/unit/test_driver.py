@@ -63,7 +63,7 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path, no_model, data, erro
     message = str(err.value)
     assert "\n" not in message and all(w in message for w in words), message
     assert isinstance(err.value, DfoloraError)
-    assert not (tmp_path / "checkpoint").exists()
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_good_settings_pass_validation():

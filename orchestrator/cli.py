@@ -1,0 +1,111 @@
+"""The `dfolora` command line (also `python -m orchestrator.cli`).
+
+    dfolora run [--config FILE | --preset NAME] [--set KEY=VALUE ...] [--out DIR] [--resume]
+    dfolora zero-shot [--config FILE | --preset NAME] [--set KEY=VALUE ...] [--out DIR]
+    dfolora lora [--config FILE | --preset NAME] [--set ...] [--lr LR] [--epochs N] [--out DIR]
+    dfolora export RUN_DIR --format peft|merged --out DIR
+    dfolora compare RUN_DIR [RUN_DIR ...] [--json]
+    dfolora presets
+
+A user mistake (a bad key, a missing file, a non-empty output folder) is one `error:` line and
+exit code 2, before any model is loaded; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.errors import DfoloraError
+from orchestrator import commands
+
+EXAMPLES = """examples:
+  dfolora run --preset demo
+  dfolora run --preset smoke --set budget=80 --set schedule.layers=[29,28,27] --out runs/s
+  dfolora run --resume --out runs/s                 # continue an interrupted run
+  dfolora run --preset roberta-large-sst2 --set cluster.num_actors=4 --set cluster.gpus_per_actor=1
+  dfolora export runs/s --format peft --out adapters/s
+"""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="FILE", help="a YAML config (e.g. a run's "
+                        "config.yaml); keys not given keep their defaults")
+    source.add_argument("--preset", metavar="NAME", help="a named config (`dfolora presets`)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one dotted key; VALUE is YAML (repeatable), e.g. "
+                        "--set budget=2000 --set schedule.optimizers=[cma,fwa]")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="run folder; when not given, runs/<task>-<method>-<timestamp>")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "json", "quiet"),
+                   default="auto", help="console output: a live bar (auto on a terminal), one "
+                   "line per record (auto otherwise), JSON lines on stdout, or nothing")
+
+
+def parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    top = argparse.ArgumentParser(
+        prog="dfolora", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Derivative-free low-rank adaptation of frozen language models "
+                    "(Jin, Liu & Tan 2024) on one machine or a Ray cluster.", epilog=EXAMPLES)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="search an adapter (the main job)", formatter_class=fmt,
+                       description="Run the alternating per-layer DFO search; writes config.yaml, "
+                       "metrics.jsonl, results.json, adapter/, checkpoints/ and plots/.")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (a config given "
+                        "too must equal the stored one)")
+    p.set_defaults(handler=commands.run)
+
+    p = sub.add_parser("zero-shot", help="score the unadapted model on the same splits",
+                       formatter_class=fmt)
+    _config_args(p)
+    p.set_defaults(handler=commands.zero_shot)
+
+    p = sub.add_parser("lora", help="gradient LoRA baseline (PEFT, AdamW) on the same splits",
+                       formatter_class=fmt, description="Gradient LoRA on the same q/k "
+                       "projections and rank, trained on the few-shot train split, best epoch "
+                       "by dev; reports the same results.json fields.")
+    _config_args(p)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the train split")
+    p.set_defaults(handler=commands.lora)
+
+    p = sub.add_parser("export", help="write a run's adapter as PEFT files or a merged model",
+                       formatter_class=fmt)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", choices=("peft", "merged"), default="peft",
+                   help="peft: adapter_config.json + adapter_model.safetensors; merged: the "
+                        "base model with the deltas merged, save_pretrained format")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    p.set_defaults(handler=commands.export)
+
+    p = sub.add_parser("compare", help="a table of finished runs", formatter_class=fmt)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=commands.compare)
+
+    p = sub.add_parser("presets", help="list the named configs", formatter_class=fmt)
+    p.set_defaults(handler=commands.list_presets)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except DfoloraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f": resume with `dfolora run --resume --out {out}`" if out else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""What each `dfolora` subcommand does (the parser is in orchestrator/cli.py).
+
+Every method writes the same run folder files (orchestrator/runfolder.py), so `compare` and the
+README's results table read them alike: zero-shot, the DFO search and gradient LoRA each report
+`zero_shot.{dev,test}`, `final.{train,dev,test}`, `evaluations`, `wall_seconds`, `peak_memory_mb`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from orchestrator import presets
+from orchestrator.reporting import (
+    bar_reporter,
+    progress_reporter,
+    stream_jsonl_reporter,
+)
+from orchestrator.runfolder import ADAPTER, CHECKPOINTS, CONFIG, RunFolder, read_config
+from orchestrator.schedule import selection_metric
+from orchestrator.validation import validate_run
+
+
+def _folder(args, cfg: RunConfig | None, method: str, resume: bool = False) -> RunFolder:
+    if args.out is None:
+        if resume:
+            raise ConfigError("--resume needs --out: the folder of the run to continue")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.out = str(Path("runs") / f"{cfg.task.name}-{method}-{stamp}")
+    folder = RunFolder(args.out)
+    folder.prepare(resume)
+    return folder
+
+
+def _reporter(args, budget: int):
+    mode = args.progress
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "lines"
+    return {"bar": lambda: bar_reporter(budget), "lines": progress_reporter,
+            "json": stream_jsonl_reporter, "quiet": lambda: None}[mode]()
+
+
+def _given(args) -> bool:
+    return bool(args.config or args.preset or args.sets)
+
+
+def run(args) -> int:
+    from orchestrator.driver import results_summary
+    from orchestrator.driver import run as search
+
+    cfg = presets.resolve(args.config, args.preset, args.sets) if (
+        _given(args) or not args.resume) else None
+    if cfg is not None:
+        validate_run(cfg)  # optimiser names too, before the folder is touched
+    folder = _folder(args, cfg, "dfo", resume=args.resume)
+    stored = (RunConfig.from_dict(read_config(folder / CONFIG))
+              if args.resume and (folder / CONFIG).exists() else None)
+    if cfg is None and stored is None:
+        raise ConfigError(f"nothing to resume in '{folder.path}': it holds no {CONFIG}")
+    if cfg is None and not (folder / CHECKPOINTS).exists():
+        cfg = stored  # stopped before its first checkpoint: start it again
+    print(f"run folder: {folder.path}", file=sys.stderr)
+    result = search(cfg, folder.path, resume=args.resume,
+                    reporter=_reporter(args, (cfg or stored).budget))
+    _print_outcome(results_summary(cfg or stored, result), folder)
+    return 0
+
+
+def _print_outcome(results: dict, folder: RunFolder) -> None:
+    metric = results.get("metric", "accuracy")
+    zero, final = results["zero_shot"]["test"][metric], results["final"]["test"][metric]
+    print(f"{results['method']}: test {metric} {final:.4f} (zero-shot {zero:.4f}, "
+          f"{final - zero:+.4f}); {results['evaluations']} evaluations, "
+          f"{results['wall_seconds']:.0f} s; outputs in {folder.path}")
+
+
+def zero_shot(args) -> int:
+    from common.memory import peak_memory_mb
+    from workers.worker import EvalWorker
+
+    cfg = presets.resolve(args.config, args.preset, args.sets)
+    folder = _folder(args, cfg, "zero-shot")
+    folder.write_config(cfg)
+    began = time.perf_counter()
+    worker = EvalWorker(cfg)
+    scores = {split: worker.score(split) for split in ("train", "dev", "test")}
+    results = {"method": "zero-shot", **_identity(cfg),
+               "zero_shot": {"dev": scores["dev"], "test": scores["test"]},
+               "final": scores, "evaluations": 0,
+               "wall_seconds": round(time.perf_counter() - began, 3),
+               "peak_memory_mb": peak_memory_mb(worker.device)}
+    folder.write_results(results)
+    _print_outcome(results, folder)
+    return 0
+
+
+def lora(args) -> int:
+    from workers.gradient_lora import train_lora
+
+    cfg = presets.resolve(args.config, args.preset, args.sets)
+    folder = _folder(args, cfg, "lora")
+    folder.write_config(cfg)
+    report = _reporter(args, 0) if args.progress in ("json", "lines") else None
+    results = train_lora(cfg, lr=args.lr, epochs=args.epochs, out_dir=str(folder / ADAPTER),
+                         progress=report)
+    results = {**results, **_identity(cfg), "metric": selection_metric(cfg),
+               "settings": {"lr": args.lr, "epochs": args.epochs}}
+    folder.write_results(results)
+    _print_outcome(results, folder)
+    return 0
+
+
+def _identity(cfg: RunConfig) -> dict:
+    return {"task": cfg.task.name, "model": cfg.model.name, "template": cfg.task.template,
+            "seed": cfg.seed, "metric": selection_metric(cfg)}
+
+
+def export(args) -> int:
+    source = RunFolder(args.run_dir)
+    adapter = source / ADAPTER
+    if not (adapter / "adapter_config.json").exists():
+        raise ConfigError(f"'{args.run_dir}' has no {ADAPTER}/adapter_config.json: not a "
+                          f"finished run folder")
+    out = RunFolder(args.out)
+    out.prepare(resume=False)
+    if args.format == "peft":
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(adapter / name, out / name)
+    else:
+        merge(RunConfig.from_dict(read_config(source / CONFIG)), adapter, out.path)
+    print(f"{args.format} export of {args.run_dir} written to {out.path}")
+    return 0
+
+
+def merge(cfg: RunConfig, adapter: Path, out: Path) -> None:
+    """The base model with the adapter merged in (PEFT's merge_and_unload), save_pretrained."""
+    from peft import PeftModel
+
+    from workers import models
+
+    loaded = models.load(cfg.model)
+    merged = PeftModel.from_pretrained(loaded.model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+
+
+def compare(args) -> int:
+    rows = []
+    for path in args.run_dirs:
+        r = RunFolder(path).read_results()
+        metric = r.get("metric", "accuracy")
+        final = r.get("final") or {}
+        rows.append({"run": path, "method": r.get("method"), "template": r.get("template"),
+                     "seed": r.get("seed"), "metric": metric,
+                     **{split: (final.get(split) or {}).get(metric) for split in
+                        ("train", "dev", "test")},
+                     "zero_shot_test": r["zero_shot"]["test"][metric],
+                     "evaluations": r.get("evaluations"), "wall_seconds": r.get("wall_seconds"),
+                     "peak_memory_mb": r.get("peak_memory_mb")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = (f"{'run':<28} {'method':<18} {'seed':>4} {'train':>6} {'dev':>6} {'test':>6} "
+            f"{'0-shot':>6} {'evals':>6} {'wall s':>7} {'peak MB':>8}")
+    print(head)
+    for row in rows:
+        print(f"{_cut(row['run'], 28):<28} {_cut(row['method'], 18):<18} {row['seed']:>4} "
+              f"{_fmt(row['train'])} {_fmt(row['dev'])} {_fmt(row['test'])} "
+              f"{_fmt(row['zero_shot_test'])} {row['evaluations'] or 0:>6} "
+              f"{row['wall_seconds'] or 0:>7.0f} {row['peak_memory_mb'] or 0:>8.0f}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return f"{value:>6.3f}" if isinstance(value, (int, float)) else f"{'-':>6}"
+
+
+def _cut(text, width: int) -> str:
+    text = str(text)
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def list_presets(args) -> int:
+    for name in presets.names():
+        print(f"{name:<28} {presets.describe(name)}")
+    return 0

@@ -1,0 +1,107 @@
+"""The run folder: every output of a run, in standard formats, in one place.
+
+    <out>/config.yaml          the fully resolved config (what `dfolora run --config` takes back)
+    <out>/metrics.jsonl        one JSON line per record: generations, dev evaluations, start, final
+    <out>/results.json         zero-shot and final metrics, evaluations, wall time, peak memory
+    <out>/best_vectors.npz     the final adapter's subspace vectors, one array per layer
+    <out>/adapter/             the final adapter in PEFT format (adapter_config.json, safetensors)
+    <out>/checkpoints/         resumable state (orchestrator/checkpoint.py)
+    <out>/plots/               PNGs, redrawn after every dev evaluation (orchestrator/plots.py)
+
+Every file is written atomically (temporary name, then rename). Nothing here imports torch: the
+adapter arrives as numpy arrays from whichever process holds the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from orchestrator.checkpoint import atomic_write, npz_bytes
+
+CONFIG, METRICS, RESULTS = "config.yaml", "metrics.jsonl", "results.json"
+VECTORS, ADAPTER, CHECKPOINTS, PLOTS = "best_vectors.npz", "adapter", "checkpoints", "plots"
+
+
+class RunFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def prepare(self, resume: bool) -> None:
+        """Create the folder; refuse one that holds anything but a resumable run of ours."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"output folder '{self.path}' is a file")
+        if not resume and self.path.is_dir() and any(self.path.iterdir()):
+            raise ConfigError(f"output folder '{self.path}' is not empty: pass --resume to "
+                              f"continue the run there, or choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"output folder '{self.path}' is not writable "
+                              f"({err.strerror or err})") from None
+
+    def write_config(self, cfg: RunConfig) -> None:
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        atomic_write(self / CONFIG, text.encode())
+
+    def write_results(self, results: dict) -> None:
+        atomic_write(self / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
+
+    def read_results(self) -> dict:
+        path = self / RESULTS
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"'{self.path}' has no {RESULTS}: not a finished run "
+                              f"folder") from None
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read '{path}': {err}") from None
+
+    def write_vectors(self, vectors: dict[int, np.ndarray]) -> None:
+        arrays = {f"layer_{k}": v for k, v in sorted(vectors.items())}
+        atomic_write(self / VECTORS, npz_bytes(arrays))
+
+    def write_adapter(self, tensors: dict[str, np.ndarray], config: dict) -> Path:
+        """adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes."""
+        from safetensors.numpy import save as save_bytes
+
+        folder = self / ADAPTER
+        folder.mkdir(exist_ok=True)
+        atomic_write(folder / "adapter_model.safetensors",
+                     save_bytes(tensors, metadata={"format": "pt"}))
+        atomic_write(folder / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
+        return folder
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_config(path: str | Path) -> dict:
+    """A YAML (or JSON) config file as a mapping, or a ConfigError naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file '{path}': {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: "
+                          f"{str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got "
+                          f"{type(data).__name__}")
+    return data

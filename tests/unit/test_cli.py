@@ -1,0 +1,139 @@
+"""The `dfolora` command line: config assembly, refusals, and a whole run on a fake evaluator."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from layered import LayeredQuadratic
+
+from common.errors import ConfigError
+from orchestrator import cli, presets
+
+
+def test_presets_load_and_validate():
+    from orchestrator.validation import validate_run
+
+    assert {"demo", "smoke", "roberta-large-sst2", "gpt2-large-rte"} <= set(presets.names())
+    for name in presets.names():
+        cfg = presets.resolve(preset=name)
+        validate_run(cfg)
+        assert presets.describe(name)
+    paper = presets.resolve(preset="roberta-large-mrpc")
+    assert (paper.budget, paper.optimizer.popsize, paper.adapter.dim, paper.adapter.rank) == (
+        8000, 20, 500, 4)
+
+
+def test_set_overrides_parse_yaml_values():
+    cfg = presets.resolve(preset="smoke", sets=[
+        "budget=80", "schedule.layers=[29, 28, 27]", "task.label_words=null",
+        "cluster.num_actors=2", "optimizer.name=nevergrad:OnePlusOne", "task.name=sst2"])
+    assert cfg.budget == 80 and cfg.schedule.layers == (29, 28, 27)
+    assert cfg.cluster.num_actors == 2 and cfg.optimizer.name == "nevergrad:OnePlusOne"
+    assert cfg.task.name == "sst2" and cfg.task.k == 8  # the preset's other keys stay
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["budgte=3"], "did you mean 'budget'"),
+    (["task.kk=3"], "unknown config key 'task.kk'"),
+    (["budget"], "expected KEY=VALUE"),
+    (["budget=[1"], "not valid YAML"),
+    (["budget=ten"], "budget must be int"),
+    (["seed.x=1"], "seed must be int"),
+    (["budget=3", "budget.x=1"], "'budget' is not a section"),
+    ([".x=1"], "expected KEY=VALUE"),
+])
+def test_bad_overrides_are_one_line_errors(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        presets.resolve(sets=sets)
+
+
+def test_unknown_preset_and_bad_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'smoke'"):
+        presets.resolve(preset="smok")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budget: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        presets.resolve(config=str(bad))
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        presets.resolve(config=str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        presets.resolve(config=str(tmp_path / "missing.yaml"))
+
+
+def run_cli(*args, cwd=None):
+    """The real console entry point in a subprocess: exit code, stdout, stderr."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["run", "--set", "budgte=3", "--out", "{tmp}/a"], "did you mean 'budget'"),
+    (["run", "--preset", "nope", "--out", "{tmp}/a"], "unknown preset 'nope'"),
+    (["run", "--set", "optimizer.name=adam", "--out", "{tmp}/a"], "unknown optimiser"),
+    (["run", "--resume"], "--resume needs --out"),
+    (["run", "--resume", "--out", "{tmp}/empty"], "nothing to resume"),
+    (["run", "--out", "{tmp}/full"], "not empty"),
+    (["run", "--out", "{tmp}/file.txt"], "is a file"),
+    (["export", "{tmp}/full", "--out", "{tmp}/x"], "not a finished run folder"),
+    (["compare", "{tmp}/full"], "no results.json"),
+])
+def test_user_mistakes_exit_2_with_one_line(tmp_path, args, match):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("precious")
+    (tmp_path / "file.txt").write_text("x")
+    code, out, err = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert code == 2, err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
+    assert not (tmp_path / "a").exists()
+
+
+def test_help_everywhere():
+    for command in ([], ["run"], ["zero-shot"], ["lora"], ["export"], ["compare"], ["presets"]):
+        code, out, _ = run_cli(*command, "--help")
+        assert code == 0 and "usage: dfolora" in out
+    code, out, _ = run_cli("presets")
+    assert code == 0 and "demo" in out and "smoke" in out
+
+
+def test_run_writes_the_run_folder_and_resumes(tmp_path, monkeypatch, capsys):
+    """A whole `dfolora run` on the synthetic layered objective (no model): every file, then
+    `--resume` of a finished run is a no-op that reports the same results."""
+    import orchestrator.driver as driver
+    import orchestrator.plots as plots
+
+    monkeypatch.setattr(plots, "ENABLED", True)
+    monkeypatch.setattr(driver, "build_evaluator", lambda cfg, stats: LayeredQuadratic())
+    out = tmp_path / "run"
+    args = ["run", "--set", "budget=60", "--set", "adapter.dim=8", "--set", "optimizer.popsize=6",
+            "--set", "schedule.optimizers=[cma, fwa]", "--out", str(out), "--progress", "json"]
+    assert cli.main(args) == 0
+    stdout = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in stdout[:-1]]
+    assert records[0]["event"] == "start" and records[-1]["event"] == "final"
+    assert "test accuracy" in stdout[-1]
+    assert yaml.safe_load((out / "config.yaml").read_text())["budget"] == 60
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in lines] == [r["event"] for r in records]
+    gen = next(r for r in lines if r["event"] == "generation")
+    for key in ("round", "layer", "method", "best_loss", "median_loss", "step_size",
+                "evaluations", "candidates_per_s", "candidates_per_s_per_actor", "seconds"):
+        assert key in gen
+    results = json.loads((out / "results.json").read_text())
+    for key in ("zero_shot", "final", "evaluations", "wall_seconds", "peak_memory_mb"):
+        assert key in results
+    assert set(results["final"]) >= {"train", "dev", "test"}
+    assert results["method"] == "dfo-lora:cma+fwa" and results["evaluations"] <= 60
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "dev.png", "loss.png", "throughput.png"]
+    assert (out / "checkpoints" / "LATEST").exists() and (out / "best_vectors.npz").exists()
+    assert cli.main(["run", "--resume", "--out", str(out), "--progress", "quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["final"] == results["final"]
+    assert cli.main(["compare", str(out), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert row["method"] == "dfo-lora:cma+fwa" and row["test"] == results["final"]["test"][
+        "accuracy"]

@@ -1,0 +1,273 @@
+"""The gradient LoRA baseline, in the same harness as the derivative-free run (honest comparison).
+
+Same frozen model, same few-shot splits (same seed, same examples), same prompts, label words and
+scored position, same loss on the same label-word logits, same dev-selection rule; the only
+difference is how the low-rank q/k deltas are found: backpropagation and AdamW on PEFT LoRA
+factors (Hu et al. 2021, "LoRA", arXiv 2106.09685; Hugging Face PEFT) instead of a gradient-free
+search in a random subspace.
+
+* Adapter: rank `adapter.rank` on the query and key projections of every layer (or of
+  `schedule.layers`), `lora_alpha = rank` so the scaling alpha/r is 1 (method.md §1 uses none),
+  no dropout. PEFT starts B at zero, so training starts at the unmodified model, as the DFO search
+  does. GPT-2's fused `c_attn` is the only module PEFT can target there, so its LoRA would also
+  adapt the value block; we zero the gradient of B's value rows, which then stay exactly zero (B
+  starts at zero; Adam's update for a zero gradient is zero; decoupled weight decay keeps zero at
+  zero), so the delta is q/k only and the exported adapter is a standard one with zero v rows.
+* The model stays in eval mode while training (no dropout): the function trained is the function
+  scored, as for the DFO fitness.
+* Dev selection: the zero adapter is the first snapshot (epoch 0); after every `eval_every` epochs
+  (and after the last) the dev score is compared on the task's selection metric, ties keep the
+  earlier (orchestrator/schedule.py). The best snapshot is restored and reported.
+* History: epoch 0 is the zero adapter (its scored train loss and dev score); for later epochs
+  `train_loss` is the mean loss of the epoch's minibatches as they were trained on.
+* Counting: `evaluations` counts example forward passes in training (examples x epochs), each
+  followed by a backward pass; a DFO "evaluation" is one forward pass over the whole training set,
+  so `train_set_passes` (= epochs) is the figure comparable with the DFO budget. Scoring passes
+  (zero-shot, dev, final) are counted by neither method.
+
+The caller's model is modified only while the function runs: PEFT injects its layers in place and
+`unload()` takes them out again at the end (no merge), so `loaded` can be reused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from common.config import RunConfig
+from common.data import Example, Splits
+from common.errors import ConfigError, DfoloraError
+from common.memory import peak_memory_mb
+from common.seeding import derive_seed
+from common.tasks import resolve_template, task_spec
+from workers import fastpath, models
+from workers.adapters import Architecture, inspect
+from workers.batches import Batch, Prompter
+from workers.scoring import example_losses
+from workers.worker import combine_scores, load_splits, model_max_length
+
+METHOD = "gradient-lora"
+ADAPTER = "default"  # PEFT's adapter name
+
+
+def export_peft(model: PeftModel, out_dir: str | Path, base_name: str | None = None) -> Path:
+    """Save the adapter in the PEFT format: adapter_config.json + adapter_model.safetensors.
+
+    `base_name`: the model as the user named it (`model.name`), recorded instead of the folder it
+    was loaded from, so no local path of this machine is written into a shareable file."""
+    if not isinstance(model, PeftModel):
+        raise DfoloraError(f"export_peft needs a peft.PeftModel, got {type(model).__name__}")
+    if base_name is not None:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base_name
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def train_lora(cfg: RunConfig, *, lr: float = 1e-3, epochs: int = 20,
+               batch_size: int | None = None, weight_decay: float = 0.0, eval_every: int = 1,
+               loaded: models.LoadedModel | None = None, splits: Splits | None = None,
+               progress: Callable[[dict], None] | None = None,
+               out_dir: str | None = None) -> dict:
+    """Train LoRA on q/k with AdamW on the few-shot train split; see the module docstring.
+
+    Returns a JSON-safe dict with the DFO run's result fields (zero_shot, final, evaluations)
+    plus best_epoch, steps, wall_seconds, peak_memory_mb and the per-epoch history.
+    """
+    batch_size = cfg.eval.train_batch_size if batch_size is None else batch_size
+    _check_args(lr, epochs, batch_size, weight_decay, eval_every, progress)
+    device = loaded.device if loaded is not None else models.resolve_device(cfg.model.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loaded = loaded or models.load(cfg.model)
+    splits = splits or load_splits(cfg)
+    run = LoraRun(cfg, loaded, splits)
+    try:
+        return run.train(lr, epochs, batch_size, weight_decay, eval_every, progress, out_dir)
+    finally:
+        run.close()
+
+
+def _check_args(lr, epochs, batch_size, weight_decay, eval_every, progress) -> None:
+    def is_int(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"gradient LoRA: lr must be a finite number > 0, got {lr!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                        ("eval_every", eval_every)):
+        if not is_int(value) or value < 1:
+            raise ConfigError(f"gradient LoRA: {name} must be an integer >= 1, got {value!r}")
+    if (not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay)
+            or weight_decay < 0):
+        raise ConfigError(f"gradient LoRA: weight_decay must be a finite number >= 0, "
+                          f"got {weight_decay!r}")
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"gradient LoRA: progress must be callable, got {progress!r}")
+
+
+class LoraRun:
+    """One training run: EvalWorker's prompts, batches and label head on the caller's model.
+
+    `score(split)` also scores a model that already carries a PEFT adapter (tests use it on an
+    exported adapter loaded with `PeftModel.from_pretrained`).
+    """
+
+    def __init__(self, cfg: RunConfig, loaded: models.LoadedModel, splits: Splits):
+        self.cfg, self.kind, self.device = cfg, loaded.kind, loaded.device
+        self.model = loaded.model  # the transformers model; PEFT injects into its modules
+        spec = task_spec(cfg.task)
+        template = resolve_template(spec, self.kind, cfg.task.template, cfg.task.label_words)
+        self.prompter = Prompter(loaded.tokenizer, self.kind, spec, template, cfg.task,
+                                 model_max_length(self.model, cfg.model.max_length))
+        self.metric = spec.metric  # orchestrator.schedule.selection_metric (no import: layers)
+        self.train_examples = list(splits.train)
+        sizes = {"train": cfg.eval.train_batch_size, "dev": cfg.eval.batch_size,
+                 "test": cfg.eval.batch_size}  # as EvalWorker, so scores match it exactly
+        self.batches = {
+            name: [b.to(self.device) for b in self.prompter.batches(examples, sizes[name])]
+            for name, examples in (("train", splits.train), ("dev", splits.dev),
+                                   ("test", splits.test))
+        }
+        self.head = fastpath.label_head(self.model, self.prompter.label_ids)
+        self.peft: PeftModel | None = None
+
+    # -- scoring: EvalWorker.logits / score, on whatever adapter is installed ------------------
+    def logits(self, batch: Batch) -> torch.Tensor:
+        hidden = self.model.base_model(**fastpath.model_inputs(batch, self.kind)).last_hidden_state
+        return self.head(fastpath.gather_positions(hidden, batch.positions))
+
+    @torch.no_grad()
+    def score(self, split: str) -> dict:
+        batches = self.batches[split]
+        logits = torch.cat([self.logits(b) for b in batches]).float().cpu().numpy()
+        labels = torch.cat([b.labels for b in batches]).cpu().numpy()
+        return combine_scores([(logits, labels)], self.cfg)
+
+    # -- training ------------------------------------------------------------------------------
+    def train(self, lr, epochs, batch_size, weight_decay, eval_every, progress, out_dir) -> dict:
+        start = time.perf_counter()
+        zero_train = self.score("train")
+        zero = {"train_loss": zero_train["loss"], "dev": self.score("dev"),
+                "test": self.score("test")}
+        seed = derive_seed(self.cfg.seed, "lora")
+        torch.manual_seed(seed)  # PEFT's kaiming init of A
+        arch = inspect(self.model)
+        fused = _fused_rows(arch)  # before PEFT replaces the modules
+        self.peft = get_peft_model(self.model, lora_config(self.cfg, arch, self.model))
+        frozen = _restrict_fused(self.peft, fused)
+        params = [p for p in self.peft.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "lora", "order"))
+        best = {"epoch": 0, "dev": zero["dev"], "state": [p.detach().clone() for p in params]}
+        history = [{"epoch": 0, "train_loss": zero_train["loss"], "dev": zero["dev"]}]
+        steps = 0
+        for epoch in range(1, epochs + 1):
+            train_loss, n_steps = self._epoch(opt, batch_size, order)
+            steps += n_steps
+            record = {"epoch": epoch, "train_loss": train_loss, "dev": None}
+            if epoch % eval_every == 0 or epoch == epochs:
+                record["dev"] = self.score("dev")
+                if record["dev"][self.metric] > best["dev"][self.metric]:  # ties: the earlier
+                    best = {"epoch": epoch, "dev": record["dev"],
+                            "state": [p.detach().clone() for p in params]}
+            history.append(record)
+            if progress is not None:
+                progress({**record, "best_epoch": best["epoch"]})
+        with torch.no_grad():
+            for p, saved in zip(params, best["state"], strict=True):
+                p.copy_(saved)
+        if out_dir is not None:
+            export_peft(self.peft, out_dir, self.cfg.model.name)
+        final = {split: self.score(split) for split in ("train", "dev", "test")}
+        n = len(self.train_examples)
+        return {"method": METHOD, "zero_shot": zero, "final": final, "best_epoch": best["epoch"],
+                "evaluations": n * epochs, "evaluations_unit": "training example forward passes "
+                "(each with a backward pass); a DFO evaluation is one pass over all of them",
+                "train_set_passes": epochs, "train_examples": n, "steps": steps,
+                "trainable_parameters": int(sum(p.numel() for p in params)) - frozen,
+                "wall_seconds": time.perf_counter() - start,
+                "peak_memory_mb": peak_memory_mb(self.device), "history": history,
+                "settings": {"lr": lr, "epochs": epochs, "batch_size": batch_size,
+                             "weight_decay": weight_decay, "eval_every": eval_every,
+                             "seed": self.cfg.seed, "rank": self.cfg.adapter.rank}}
+
+    def _epoch(self, opt: torch.optim.Optimizer, batch_size: int,
+               order: torch.Generator) -> tuple[float, int]:
+        """One shuffled pass; returns the mean training loss over its examples and the steps."""
+        perm = torch.randperm(len(self.train_examples), generator=order).tolist()
+        total, steps = 0.0, 0
+        for lo in range(0, len(perm), batch_size):
+            chunk = [self.train_examples[i] for i in perm[lo : lo + batch_size]]
+            loss = self._loss(chunk)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(chunk)
+            steps += 1
+        return total / len(perm), steps
+
+    def _loss(self, chunk: list[Example]) -> torch.Tensor:
+        (batch,) = self.prompter.batches(chunk, len(chunk))  # one padded batch
+        batch = batch.to(self.device)
+        losses = example_losses(self.logits(batch), batch.labels, self.cfg.eval.loss,
+                                self.cfg.eval.hinge_margin)
+        return losses.mean()
+
+    def close(self) -> None:
+        """Take PEFT's layers out again (no merge): the caller's model is as it was."""
+        if self.peft is not None:
+            self.peft.unload()
+            self.peft = None
+
+
+def lora_config(cfg: RunConfig, arch: Architecture, model: torch.nn.Module) -> LoraConfig:
+    """PEFT LoRA on the q and k projections adapters.py finds (q_proj/k_proj, query/key, or
+    GPT-2's fused c_attn), rank r, alpha = r (scaling 1), no dropout."""
+    names = sorted({proj.attr for pair in arch.sites for proj in pair})
+    layers = None
+    if cfg.schedule.layers is not None:
+        bad = [layer for layer in cfg.schedule.layers if layer >= arch.n_layers]
+        if bad:
+            raise ConfigError(f"schedule.layers: {bad} out of range; the model has "
+                              f"{arch.n_layers} layers (0..{arch.n_layers - 1})")
+        layers = sorted(cfg.schedule.layers)
+    pattern = next(name for name, mod in model.named_modules() if mod is arch.layers)
+    return LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.rank, lora_dropout=0.0,
+                      target_modules=names, layers_to_transform=layers,
+                      layers_pattern=pattern.split(".")[-1] if layers else None,
+                      fan_in_fan_out=any(p.transposed for pair in arch.sites for p in pair),
+                      bias="none")
+
+
+def _fused_rows(arch: Architecture) -> dict[int, torch.Tensor]:
+    """For each fused q/k module (GPT-2's c_attn), by id: which output columns are q or k."""
+    keep: dict[int, torch.Tensor] = {}
+    for q, k in arch.sites:
+        if q.module is k.module:
+            rows = torch.zeros(q.module.weight.shape[1 if q.transposed else 0], dtype=torch.bool)
+            rows[q.cols] = True
+            rows[k.cols] = True
+            keep[id(q.module)] = rows
+    return keep
+
+
+def _restrict_fused(peft: PeftModel, keep: dict[int, torch.Tensor]) -> int:
+    """Zero the gradient of B's rows outside q and k in fused modules (c_attn's v block);
+    returns how many LoRA entries that freezes (at zero)."""
+    frozen = 0
+    for module in peft.modules():
+        if isinstance(module, LoraLayer) and id(module.get_base_layer()) in keep:
+            weight = module.lora_B[ADAPTER].weight  # (out, r)
+            mask = keep[id(module.get_base_layer())].to(weight.device, weight.dtype)[:, None]
+            weight.register_hook(lambda grad, mask=mask: grad * mask)
+            frozen += int((mask == 0).sum()) * weight.shape[1]
+    return frozen
