@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run zero-shot bench lint clean
+.PHONY: install test run bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
 run: $(STAMP)
-	$(BIN)/python -m workers.zeroshot
+	$(BIN)/dfolora run --preset demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/eval_throughput.py

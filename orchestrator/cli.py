@@ -1,20 +1,23 @@
 """The `dfolora` command line (also `python -m orchestrator.cli`).
 
-    dfolora run [--config FILE | --preset NAME] [--set KEY=VALUE ...] [--out DIR] [--resume]
+    dfolora run [--config FILE | --preset NAME] [--set KEY=VALUE ...] [--out DIR]
+                [--resume [--force]]
     dfolora zero-shot [--config FILE | --preset NAME] [--set KEY=VALUE ...] [--out DIR]
     dfolora lora [--config FILE | --preset NAME] [--set ...] [--lr LR] [--epochs N] [--out DIR]
     dfolora export RUN_DIR --format peft|merged --out DIR
     dfolora compare RUN_DIR [RUN_DIR ...] [--json]
     dfolora presets
 
-A user mistake (a bad key, a missing file, a non-empty output folder) is one `error:` line and
-exit code 2, before any model is loaded; nothing already written is touched.
+A user mistake (a bad key, a missing file, a non-empty output folder) is an `error:` line (a
+refused resume adds one line per changed key) and exit code 2, before any model is loaded;
+nothing already written is touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from common.errors import DfoloraError
 from orchestrator import commands
@@ -57,7 +60,15 @@ def parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (a config given "
-                        "too must equal the stored one)")
+                        "too must equal the stored one, unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue under the given config although it differs "
+                        "from the stored one. The trajectory so far stays the stored config's. "
+                        "Safe: budget and schedule.rounds extend (or shorten) the search; "
+                        "cluster.* and eval batch sizes change only how candidates are scored; "
+                        "other optimiser and schedule keys act from the next generation. "
+                        "Refused even so: model.*, task.*, adapter.*, seed, schedule.layers, "
+                        "optimizer.popsize, optimizer.sigma0, eval.loss, eval.hinge_margin")
     p.set_defaults(handler=commands.run)
 
     p = sub.add_parser("zero-shot", help="score the unadapted model on the same splits",
@@ -93,8 +104,13 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # one readable line, not Python's file:line form
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
     try:
         return args.handler(args) or 0
     except DfoloraError as err:

@@ -16,6 +16,7 @@ from pathlib import Path
 from common.config import RunConfig
 from common.errors import ConfigError
 from orchestrator import presets
+from orchestrator.checkpoint import CheckpointStore
 from orchestrator.reporting import (
     bar_reporter,
     progress_reporter,
@@ -62,10 +63,14 @@ def run(args) -> int:
               if args.resume and (folder / CONFIG).exists() else None)
     if cfg is None and stored is None:
         raise ConfigError(f"nothing to resume in '{folder.path}': it holds no {CONFIG}")
-    if cfg is None and not (folder / CHECKPOINTS).exists():
+    resumable = args.resume and CheckpointStore(folder / CHECKPOINTS).exists()
+    if cfg is None and not resumable:
         cfg = stored  # stopped before its first checkpoint: start it again
     print(f"run folder: {folder.path}", file=sys.stderr)
-    result = search(cfg, folder.path, resume=args.resume,
+    if resumable:
+        print(f"resuming from {folder.path}: checkpoints hold pickled optimiser state; resume "
+              f"only folders you trust", file=sys.stderr)
+    result = search(cfg, folder.path, resume=args.resume, force=args.force,
                     reporter=_reporter(args, (cfg or stored).budget))
     _print_outcome(results_summary(cfg or stored, result), folder)
     return 0

@@ -16,6 +16,7 @@ unless the driver builds the in-process evaluator itself.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -64,14 +65,16 @@ class RunResult:
 
 def run(cfg: RunConfig | None, out_dir: str | Path, *, evaluator: Evaluator | None = None,
         resume: bool = False, stop_after: int | None = None,
-        reporter: Reporter | None = None) -> RunResult:
+        reporter: Reporter | None = None, force: bool = False) -> RunResult:
     """Run a search writing into `out_dir`; with `resume`, continue the run whose checkpoint is
     there (or start one, if there is none: a preemptible job can always pass `resume=True`).
 
     `cfg` may be None when resuming (the checkpoint's config is used); a given one must equal
-    it. `evaluator`: default an in-process `LocalEvaluator` built from `cfg`. `stop_after`:
-    return, unfinished, once this many generations are done and checkpointed (tests use it to
-    simulate an interruption).
+    it, unless `force`: then the run continues under the given config (`_resume_config` says
+    which changes it still refuses). `evaluator`: default an in-process `LocalEvaluator` built
+    from `cfg`. `stop_after`: return, unfinished, once this many generations are done and
+    checkpointed (tests use it to simulate an interruption). The checkpoint holds pickles
+    (orchestrator/checkpoint.py): resume only folders you trust.
     """
     folder = RunFolder(out_dir)
     store = CheckpointStore(folder / CHECKPOINTS)
@@ -81,15 +84,17 @@ def run(cfg: RunConfig | None, out_dir: str | Path, *, evaluator: Evaluator | No
             raise ConfigError(f"'{folder.path}' already holds a checkpoint: resume it or choose "
                               f"another output folder")
         entry = store.load()
-        cfg = _resume_config(cfg, entry)
+        cfg = _resume_config(cfg, entry, force)
     elif cfg is None:
         raise ConfigError(f"nothing to resume in '{folder.path}' and no config given")
     validate_run(cfg)  # before any model is loaded
     if entry is not None and entry.payload["schedule"]["phase"] == "done":
-        return _result(_state(entry), entry.payload["log"])
+        result = _result(_state(entry), entry.payload["log"])
+        # a run killed between its last checkpoint and these files gets them now
+        _write_outputs(folder, RunConfig.from_dict(entry.payload["config"]), result)
+        return result
     folder.prepare(resume=True)  # the caller decides whether a non-empty folder is welcome
-    if entry is None:
-        folder.write_config(cfg)
+    folder.write_config(cfg)  # on resume too: a forced one changes it (the checkpoint follows)
     own = evaluator is None
     if own:
         setup = entry.payload["setup"] if entry else {}
@@ -115,20 +120,62 @@ def build_evaluator(cfg: RunConfig, stats: dict | None) -> Evaluator:
                         deadline_s=c.deadline_s, address=c.address)
 
 
-def _resume_config(cfg: RunConfig | None, entry: Entry) -> RunConfig:
+# Changes that make the stored state meaningless, refused even when forced: another model,
+# data or objective (every stored loss and loss* would be of something else), other projection
+# maps (adapter.*, seed, and sigma0, which scales them: the vectors would mean other deltas),
+# other layers, or another population size (the optimisers' states are sized by it).
+FROZEN = ("model", "task", "adapter", "seed", "schedule.layers", "optimizer.popsize",
+          "optimizer.sigma0", "eval.loss", "eval.hinge_margin")
+
+
+def _resume_config(cfg: RunConfig | None, entry: Entry, force: bool = False) -> RunConfig:
+    """The config a resumed run continues with: the stored one, or with `force` the given one
+    when its changes leave the stored state meaningful (the trajectory so far stays the stored
+    config's; `budget` and `schedule.rounds` extend or shorten the search, `cluster.*` and the
+    eval batch sizes change only how candidates are scored, other keys act from the next
+    generation)."""
     stored = RunConfig.from_dict(entry.payload["config"])
-    if cfg is not None and cfg != stored:
-        keys = ", ".join(_differences(cfg.to_dict(), stored.to_dict(), ""))
-        raise ConfigError(f"the config differs from the checkpoint's at {keys}; resume with the "
-                          f"stored config (pass None) or start a new run")
-    return stored
+    if cfg is None or cfg == stored:
+        return stored
+    diffs = _differences(stored.to_dict(), cfg.to_dict(), "")
+    lines = "".join(f"\n  {key}: {json.dumps(old)} -> {json.dumps(new)}"
+                    for key, old, new in diffs)
+    frozen = [key for key, _, _ in diffs if any(key == f or key.startswith(f"{f}.")
+                                               for f in FROZEN)]
+    if frozen:
+        raise ConfigError(f"the config differs from the checkpoint's (stored -> given):{lines}"
+                          f"\n{', '.join(frozen)} cannot change in a run (not even with "
+                          f"--force): resume with the stored config or start a new run")
+    if not force:
+        raise ConfigError(f"the config differs from the checkpoint's (stored -> given):{lines}"
+                          f"\nresume with the stored config (give no --config/--set), pass "
+                          f"--force to continue under the given one, or start a new run")
+    _check_limits(cfg, stored, _state(entry))
+    return cfg
 
 
-def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+def _check_limits(cfg: RunConfig, stored: RunConfig, s: ScheduleState) -> None:
+    """A forced budget or round limit must still be one the schedule can honour."""
+    limits = (cfg.budget, cfg.schedule.rounds) != (stored.budget, stored.schedule.rounds)
+    if limits and s.stop_reason is not None:
+        raise ConfigError(f"the search has already stopped ({s.stop_reason}): a new budget or "
+                          f"schedule.rounds cannot reopen it; start a new run")
+    # mid-round, the next generation starts without a budget check (it follows each one)
+    if s.phase == "search" and s.evaluations + cfg.optimizer.popsize > cfg.budget:
+        raise ConfigError(f"budget {cfg.budget}: the run has spent {s.evaluations} evaluations "
+                          f"and its next generation needs {cfg.optimizer.popsize} more")
+    rounds = cfg.schedule.rounds
+    if rounds is not None and s.round >= rounds and s.phase in ("search", "dev"):
+        raise ConfigError(f"schedule.rounds {rounds}: the run is already in round "
+                          f"{s.round + 1}")
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) wherever two plain config trees differ."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [key for k in sorted(set(a) | set(b))
-                for key in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+        return [diff for k in sorted(set(a) | set(b))
+                for diff in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def _state(entry: Entry) -> ScheduleState:
@@ -175,8 +222,7 @@ class _Run:
                 break
         result = _result(self.schedule.state, self.log)
         if result.finished:
-            self.folder.write_vectors(result.best_vectors)
-            self.folder.write_results(results_summary(self.cfg, result))
+            _write_outputs(self.folder, self.cfg, result)
         return result
 
     def _emit(self, record: dict, kind: str | None = None) -> None:
@@ -244,6 +290,11 @@ class _Run:
                    "setup": self.setup}
         self.store.save(payload, arrays, self.schedule.optimizers, self.schedule.dirty)
         self.schedule.dirty.clear()
+
+
+def _write_outputs(folder: RunFolder, cfg: RunConfig, result: RunResult) -> None:
+    folder.write_vectors(result.best_vectors)
+    folder.write_results(results_summary(cfg, result))
 
 
 def _result(s: ScheduleState, log: dict) -> RunResult:

@@ -72,9 +72,11 @@ def load(cfg: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     try:
         config = AutoConfig.from_pretrained(source)
+        if cfg.name in BUILTIN:  # plain dequantized weights; caches made before this fix
+            _drop_gguf_flag(config)  # still carry the GGUF flag that blocks save_pretrained
         kind = cfg.kind if cfg.kind != "auto" else infer_kind(config)
         auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
-        model = auto.from_pretrained(source, dtype=dtype)
+        model = auto.from_pretrained(source, config=config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a corrupt file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -127,8 +129,19 @@ def builtin_path(name: str) -> str:
 def _convert_gguf(folder: str, gguf_name: str, out: Path) -> None:
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
-    # a GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model
-    model = AutoModelForCausalLM.from_config(gguf_model.config)
+    # a GGUF-loaded model refuses save_pretrained: copy its (dequantized) weights into a fresh
+    # model whose config no longer says "quantized with gguf" (a merged export must save)
+    config = gguf_model.config
+    _drop_gguf_flag(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _drop_gguf_flag(config) -> None:
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(
+        quant, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        del config.quantization_config

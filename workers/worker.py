@@ -257,7 +257,8 @@ class EvalWorker:
                                f"{expect} with d = {self.dim}")
         if not np.all(np.isfinite(z)):
             raise DfoloraError(f"vector for layer {layer} has non-finite entries")
-        return np.ascontiguousarray(z)
+        # arrays from Ray arrive read-only; torch.from_numpy wants a writable buffer
+        return np.ascontiguousarray(z) if z.flags.writeable else z.copy()
 
 
 def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig) -> dict:

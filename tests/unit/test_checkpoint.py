@@ -3,10 +3,14 @@
 "Identical" is bit for bit: every loss of every generation record, every loss*, dev and final
 score, and the final committed and best-dev vectors. On the synthetic objective (all optimiser
 kinds, both accept rules and alternation modes) and on a tiny random-weight GPT-2 through the
-driver's own in-process evaluator.
+driver's own in-process evaluator. Then damage: every file of the latest entry truncated,
+corrupted or lost, a crash at every write of a save, and resuming under a changed config.
 """
 
+import hashlib
 import json
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +21,7 @@ from layered import LayeredQuadratic
 from common.config import RunConfig
 from common.errors import ConfigError
 from orchestrator import checkpoint
-from orchestrator.checkpoint import CheckpointStore
+from orchestrator.checkpoint import CheckpointError, CheckpointStore, CheckpointWarning
 from orchestrator.driver import run
 
 
@@ -90,7 +94,9 @@ def test_several_interruptions_and_a_damaged_latest_entry(tmp_path):
     latest = int((store / "LATEST").read_text())
     (store / f"ckpt-{latest:06d}.json").write_text('{"format": 1, "step": ')
     (store / "leftover.tmp").write_bytes(b"partial")
-    resumed = run(cfg, folder, evaluator=LayeredQuadratic(), resume=True)
+    damaged = f"ckpt-{latest:06d}.json: 22 bytes that do not match"
+    with pytest.warns(CheckpointWarning, match=damaged):
+        resumed = run(cfg, folder, evaluator=LayeredQuadratic(), resume=True)
     assert trajectory(resumed) == trajectory(full)
     assert not (store / "leftover.tmp").exists()
 
@@ -102,13 +108,19 @@ def test_folder_keeps_two_entries_and_only_the_files_they_use(tmp_path):
     latest = int((store / "LATEST").read_text())
     entries = sorted(p.name for p in store.glob("ckpt-*"))
     assert entries == [f"ckpt-{s:06d}{ext}" for s in (latest - 1, latest)
-                       for ext in (".json", ".npz")]
+                       for ext in (".json", ".npz", ".sha256")]
     used = set()
     for s in (latest - 1, latest):
         used |= {o["file"] for o in json.loads((store / f"ckpt-{s:06d}.json").read_text())
                  ["optimizers"]}
     stems = {p.name.rsplit(".", 1)[0] for p in store.glob("opt-*")}
     assert stems == used
+    for s in (latest - 1, latest):  # each entry lists and matches every file it uses
+        listed = verify_sums(store, s)
+        assert {f"ckpt-{s:06d}.json", f"ckpt-{s:06d}.npz"} < listed
+        assert {n.rsplit(".", 1)[0] for n in listed if n.startswith("opt-")} == {
+            o["file"] for o in json.loads((store / f"ckpt-{s:06d}.json").read_text())
+            ["optimizers"]}
     # 4 layers x 2 methods; CMA-ES states carry a pickle, Fireworks states are plain JSON
     entry = CheckpointStore(store).load()
     assert len(entry.optimizers) == 8
@@ -131,12 +143,226 @@ def test_resume_refusals_and_conveniences(tmp_path):
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
         run(cfg, tmp_path / "a", evaluator=LayeredQuadratic())
     run(cfg, tmp_path / "b", evaluator=LayeredQuadratic(), stop_after=2)
-    with pytest.raises(ConfigError, match=r"differs from the checkpoint's at budget, seed"):
-        run(cfg.replace(budget=60, seed=6), tmp_path / "b", evaluator=LayeredQuadratic(),
-            resume=True)
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's") as err:
+        run(cfg.replace(budget=60), tmp_path / "b", evaluator=LayeredQuadratic(), resume=True)
+    assert "\n  budget: 30 -> 60\n" in str(err.value) and "--force" in str(err.value)
     # a finished run resumes to its stored result without touching an evaluator
     again = run(None, tmp_path / "a", evaluator=None, resume=True)
     assert trajectory(again) == trajectory(fresh)
+
+
+def verify_sums(store, step) -> set[str]:
+    """The names an entry's checksum file lists, after checking each against the file."""
+    listed = set()
+    for line in (store / f"ckpt-{step:06d}.sha256").read_text().splitlines():
+        digest, name = line.split("  ")
+        assert hashlib.sha256((store / name).read_bytes()).hexdigest() == digest, name
+        listed.add(name)
+    return listed
+
+
+# -- damage: the latest entry, LATEST itself, a crash in the middle of a save -------------------
+
+def interrupted(tmp_path, cfg, stop=2):
+    """(the uninterrupted run, a folder stopped after `stop` generations, its checkpoints)."""
+    full = run(cfg, tmp_path / "full", evaluator=LayeredQuadratic())
+    folder = tmp_path / "run"
+    run(cfg, folder, evaluator=LayeredQuadratic(), stop_after=stop)
+    return full, folder, folder / "checkpoints"
+
+
+def latest_files(store) -> dict[str, str]:
+    """Each kind of file the latest entry wrote -> its name (stop 2 in round 0 is a CMA-ES
+    generation, so a new optimiser JSON and pickle belong to it)."""
+    step = int((store / "LATEST").read_text())
+    (opt,) = store.glob(f"opt-*-{step:06d}.json")
+    return {"entry": f"ckpt-{step:06d}.json", "arrays": f"ckpt-{step:06d}.npz",
+            "sums": f"ckpt-{step:06d}.sha256", "optimizer": opt.name,
+            "pickle": opt.with_suffix(".pkl").name}
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit: a valid-looking number in JSON, a float in npz
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["entry", "arrays", "sums", "optimizer", "pickle"])
+@pytest.mark.parametrize("damage", [truncate, flip, lambda path: path.unlink()],
+                         ids=["truncated", "corrupted", "deleted"])
+def test_damaged_latest_entry_falls_back_with_a_warning(tmp_path, kind, damage):
+    cfg = config(**CASES["cma-fwa-xbest"])
+    full, folder, store = interrupted(tmp_path, cfg)
+    name = latest_files(store)[kind]
+    damage(store / name)
+    with pytest.warns(CheckpointWarning, match=f"entry 2 is damaged \\(.*{name}"):
+        resumed = run(None, folder, evaluator=LayeredQuadratic(), resume=True)
+    assert trajectory(resumed) == trajectory(full)
+    assert metrics_lines(folder) == metrics_lines(tmp_path / "full")
+    latest = int((store / "LATEST").read_text())
+    for s in (latest - 1, latest):
+        verify_sums(store, s)  # the damaged entry was rewritten whole, then collected
+
+
+def test_no_whole_entry_is_a_clear_error(tmp_path):
+    _, folder, store = interrupted(tmp_path, config(**CASES["cma-fwa-xbest"]))
+    flip(store / "ckpt-000002.npz")
+    (store / "ckpt-000001.json").unlink()
+    with pytest.raises(CheckpointError, match=r"entry 2 is damaged \(ckpt-000002.npz: \d+ "
+                       r"bytes that do not match.*entry 1 is damaged \(ckpt-000001.json: "
+                       r"missing\)"):
+        run(None, folder, evaluator=LayeredQuadratic(), resume=True)
+
+
+def test_damage_to_an_optimiser_file_both_entries_share_is_fatal(tmp_path):
+    """Optimiser files are written only when they change, so the last two entries share most of
+    them; the fallback protects what the latest entry wrote, not these."""
+    _, folder, store = interrupted(tmp_path, config(**CASES["cma-fwa-xbest"]))
+    (shared,) = store.glob("opt-L0-cma-*.pkl")  # layer 0's, written at step 1, used by 1 and 2
+    truncate(shared)
+    with pytest.raises(CheckpointError, match=f"entry 2 is damaged \\({shared.name}: .*"
+                                              f"entry 1 is damaged \\({shared.name}: "):
+        run(None, folder, evaluator=LayeredQuadratic(), resume=True)
+
+
+@pytest.mark.parametrize("latest", [None, b"", b"\x00garbage"], ids=["lost", "empty", "garbage"])
+def test_lost_latest_pointer_uses_the_newest_whole_entry(tmp_path, latest):
+    cfg = config(**CASES["cma-fwa-xbest"])
+    full, folder, store = interrupted(tmp_path, cfg, stop=5)
+    if latest is None:
+        (store / "LATEST").unlink()
+    else:
+        (store / "LATEST").write_bytes(latest)
+    with pytest.warns(CheckpointWarning, match="LATEST .* is unreadable"):
+        resumed = run(None, folder, evaluator=LayeredQuadratic(), resume=True)
+    assert trajectory(resumed) == trajectory(full)
+
+
+def test_entries_of_the_older_format_load_unverified(tmp_path):
+    cfg = config(**CASES["cma-fwa-xbest"])
+    full, folder, store = interrupted(tmp_path, cfg)
+    for s in (1, 2):  # as an older version wrote them: format 1, no checksum file
+        entry = json.loads((store / f"ckpt-{s:06d}.json").read_text())
+        (store / f"ckpt-{s:06d}.json").write_text(json.dumps({**entry, "format": 1}))
+        (store / f"ckpt-{s:06d}.sha256").unlink()
+    with pytest.warns(CheckpointWarning, match="entry 2 .* has no checksums"):
+        resumed = run(None, folder, evaluator=LayeredQuadratic(), resume=True)
+    assert trajectory(resumed) == trajectory(full)
+
+
+def test_a_kill_after_the_last_checkpoint_loses_no_output(tmp_path):
+    cfg = config(budget=30)
+    run(cfg, tmp_path, evaluator=LayeredQuadratic())
+    outputs = {name: (tmp_path / name).read_bytes() for name in ("results.json",
+                                                                  "best_vectors.npz")}
+    for name in outputs:  # killed after the final entry, before these were written
+        (tmp_path / name).unlink()
+    run(None, tmp_path, evaluator=None, resume=True)
+    assert {name: (tmp_path / name).read_bytes() for name in outputs} == outputs
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_at_any_write_of_a_save_loses_at_most_a_step(tmp_path, monkeypatch):
+    """The save that follows a fallback rewrites the damaged entry's step under the same names,
+    so a crash part-way leaves old and new files of one step side by side: checksums (not only
+    the atomic renames) keep that from loading as an entry."""
+    cfg = config(**CASES["cma-fwa-xbest"])
+    full, base, _ = interrupted(tmp_path, cfg)
+    flip(base / "checkpoints" / "ckpt-000002.npz")
+    write = checkpoint.atomic_write
+    for k in range(20):
+        folder = tmp_path / f"crash-{k}"
+        shutil.copytree(base, folder)
+        calls = []
+
+        def crashing(path, data, calls=calls, k=k):
+            calls.append(path.name)
+            if len(calls) > k:  # dies mid-write, leaving a partial temporary file behind
+                path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+                raise Crash(path.name)
+            write(path, data)
+
+        monkeypatch.setattr(checkpoint, "atomic_write", crashing)
+        with pytest.warns(CheckpointWarning):
+            try:
+                run(None, folder, evaluator=LayeredQuadratic(), resume=True, stop_after=2)
+                finished_save = True
+            except Crash:
+                finished_save = False
+        monkeypatch.setattr(checkpoint, "atomic_write", write)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            resumed = run(None, folder, evaluator=LayeredQuadratic(), resume=True)
+        assert trajectory(resumed) == trajectory(full), f"crash at write {k}: {calls[-1]}"
+        assert metrics_lines(folder) == metrics_lines(tmp_path / "full")
+        if finished_save:
+            break
+    assert k > 4 and calls[-1] == "LATEST"  # optimiser files, npz, json, checksums, LATEST
+
+
+# -- resuming under a changed config ----------------------------------------------------------
+
+def test_forced_resume_extends_the_budget(tmp_path):
+    """A cma run stopped at budget 30 and forced on to 60 is the run that had 60 from the start
+    (CMA-ES does not plan for the budget); config.yaml and the next entry hold the new config."""
+    small, large = config(budget=30), config(budget=60)
+    full = run(large, tmp_path / "full", evaluator=LayeredQuadratic())
+    folder = tmp_path / "run"
+    run(small, folder, evaluator=LayeredQuadratic(), stop_after=2)
+    resumed = run(large, folder, evaluator=LayeredQuadratic(), resume=True, force=True,
+                  stop_after=3)
+    assert yaml.safe_load((folder / "config.yaml").read_text()) == large.to_dict()
+    assert CheckpointStore(folder / "checkpoints").load().payload["config"] == large.to_dict()
+    resumed = run(None, folder, evaluator=LayeredQuadratic(), resume=True)  # the stored one
+    assert resumed.evaluations == 60
+    assert trajectory(resumed) == trajectory(full)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"seed": 6}, r"seed: 5 -> 6\nseed cannot change in a run \(not even with --force\)"),
+    ({"adapter.dim": 4, "budget": 60}, r"adapter.dim: 8 -> 4\n  budget: 30 -> 60\n"
+                                       r"adapter.dim cannot change"),
+    ({"schedule.layers": [1, 0]}, r"schedule.layers: null -> \[1, 0\]\nschedule.layers cannot"),
+    ({"optimizer.popsize": 4}, r"optimizer.popsize cannot change"),
+    ({"model.name": "other"}, r'model.name: "smollm2-135m" -> "other"'),
+    ({"budget": 12}, r"budget 12: the run has spent 12 evaluations and its next generation "
+                     r"needs 6 more"),
+])
+def test_forced_resume_refuses_changes_that_void_the_state(tmp_path, change, match):
+    cfg = config(budget=30)
+    run(cfg, tmp_path, evaluator=LayeredQuadratic(), stop_after=2)
+    with pytest.raises(ConfigError, match=match):
+        run(cfg.replace(**change), tmp_path, evaluator=LayeredQuadratic(), resume=True,
+            force=True)
+
+
+def test_forced_round_limit_must_be_ahead_of_the_run(tmp_path):
+    cfg = config(budget=60)
+    run(cfg, tmp_path, evaluator=LayeredQuadratic(), stop_after=5)  # in round 2 of 4 layers
+    with pytest.raises(ConfigError, match=r"schedule.rounds 1: the run is already in round 2"):
+        run(cfg.replace(**{"schedule.rounds": 1}), tmp_path, evaluator=LayeredQuadratic(),
+            resume=True, force=True)
+    done = run(cfg.replace(**{"schedule.rounds": 2}), tmp_path, evaluator=LayeredQuadratic(),
+               resume=True, force=True)
+    assert done.stop_reason == "rounds" and done.generations == 8
+
+
+def test_forced_resume_cannot_reopen_a_stopped_search(tmp_path):
+    cfg = config(budget=30)
+    run(cfg, tmp_path, evaluator=LayeredQuadratic())
+    with pytest.raises(ConfigError, match=r"already stopped \(budget\)"):
+        run(cfg.replace(budget=60), tmp_path, evaluator=LayeredQuadratic(), resume=True,
+            force=True)
+    again = run(cfg.replace(**{"cluster.chunk_size": 3}), tmp_path, evaluator=None,
+                resume=True, force=True)  # harmless keys: the stored result
+    assert again.finished and again.evaluations == 30
 
 
 # -- a tiny random-weight model through the driver's own in-process evaluator ----------------

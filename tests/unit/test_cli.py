@@ -137,3 +137,67 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path, monkeypatch, capsys):
     (row,) = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert row["method"] == "dfo-lora:cma+fwa" and row["test"] == results["final"]["test"][
         "accuracy"]
+
+
+# -- resume under a changed config: the diff, --force, the trust notice (issue 7) --------------
+
+def test_resume_with_a_changed_config_needs_force(tmp_path, monkeypatch, capsys):
+    import orchestrator.driver as driver
+    from orchestrator import checkpoint
+
+    monkeypatch.setattr(checkpoint, "FSYNC", False)
+    monkeypatch.setattr(driver, "build_evaluator", lambda cfg, stats: LayeredQuadratic())
+    sets = ["adapter.dim=8", "optimizer.popsize=6", "seed=5"]
+    out = tmp_path / "run"
+    driver.run(presets.resolve(sets=[*sets, "budget=30"]), out, evaluator=LayeredQuadratic(),
+               stop_after=2)  # an interrupted run
+    capsys.readouterr()
+
+    def resume(*extra, force=False):
+        args = ["run", "--resume", "--out", str(out), "--progress", "quiet"]
+        for item in [*sets, *extra]:
+            args += ["--set", item]
+        code = cli.main(args + ["--force"] * force)
+        return code, capsys.readouterr().err
+
+    code, err = resume("budget=60")
+    assert code == 2 and "\n  budget: 30 -> 60\n" in err and "--force" in err
+    assert "resuming from" in err and "resume only folders you trust" in err
+    code, err = resume("budget=60", "seed=6", force=True)
+    assert code == 2 and "seed: 5 -> 6" in err and "seed cannot change" in err
+    assert yaml.safe_load((out / "config.yaml").read_text())["budget"] == 30  # untouched
+    code, err = resume("budget=60", force=True)
+    assert code == 0, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["budget"] == 60
+    assert json.loads((out / "results.json").read_text())["evaluations"] == 60
+
+
+def test_fresh_run_has_no_trust_notice_and_help_explains_force(tmp_path, monkeypatch, capsys):
+    import orchestrator.driver as driver
+
+    monkeypatch.setattr(driver, "build_evaluator", lambda cfg, stats: LayeredQuadratic())
+    args = ["run", "--set", "budget=12", "--set", "adapter.dim=8", "--set",
+            "optimizer.popsize=6", "--out", str(tmp_path / "r"), "--progress", "quiet"]
+    assert cli.main(args) == 0
+    assert "resuming from" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--force" in text and "budget and schedule.rounds extend" in text
+    assert "Refused even so: model.*, task.*, adapter.*, seed, schedule.layers" in text
+
+
+def test_a_run_killed_in_its_first_checkpoint_starts_again(tmp_path, monkeypatch, capsys):
+    """Files of a first entry cut short (no checksum file, no LATEST) are not a run to resume:
+    `--resume` starts it again from config.yaml, with no trust notice."""
+    import orchestrator.driver as driver
+
+    monkeypatch.setattr(driver, "build_evaluator", lambda cfg, stats: LayeredQuadratic())
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "ckpt-000000.npz").write_bytes(b"PK partial")
+    cfg = presets.resolve(sets=["budget=12", "adapter.dim=8", "optimizer.popsize=6"])
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert cli.main(["run", "--resume", "--out", str(out), "--progress", "quiet"]) == 0
+    assert "resuming from" not in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["evaluations"] == 12
