@@ -28,6 +28,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # every integer key: counts, sizes, seeds
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m"  # built-in name, Hugging Face hub name, or local folder
@@ -218,14 +221,16 @@ class RunConfig:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, "
+                          f"got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        path = f"{prefix}{key}"
+        name = key if isinstance(key, str) else _show(key)
+        path = f"{prefix}{name}"
         if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1)
+            near = difflib.get_close_matches(name, names, n=1)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
             raise ConfigError(f"unknown config key {path!r}{hint}")
         kwargs[key] = _coerce(hints[key], value, path)
@@ -243,14 +248,16 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return _coerce(inner, value, path)
     if origin is dict:  # string keys (YAML integer keys become strings) -> coerced values
         if not isinstance(value, dict) or not value:
-            raise ConfigError(f"{path} must be a non-empty mapping, got {value!r}")
-        bad = [k for k in value if isinstance(k, bool) or not isinstance(k, (str, int))]
+            raise ConfigError(f"{path} must be a non-empty mapping, got {_show(value)}")
+        bad = [k for k in value if isinstance(k, bool) or not isinstance(k, (str, int))
+               or (isinstance(k, int) and not INT_MIN <= k <= INT_MAX)]
         if bad:
-            raise ConfigError(f"{path}: keys must be strings or integers, got {bad[0]!r}")
+            raise ConfigError(f"{path}: keys must be strings or 64-bit integers, "
+                              f"got {_show(bad[0])}")
         return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(f"{path} must be a non-empty list, got {value!r}")
+            raise ConfigError(f"{path} must be a non-empty list, got {_show(value)}")
         return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         try:
@@ -258,13 +265,25 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         except OverflowError:
             raise ConfigError(f"{path} must be float, got an integer too large for one") from None
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{path} must be {hint.__name__}, got {_show(value)}")
+    if hint is int and not INT_MIN <= value <= INT_MAX:  # JSON, YAML and torch seeds need this
+        raise ConfigError(f"{path} must be a 64-bit integer, got one of "
+                          f"{value.bit_length()} bits")
     if hint is float and not math.isfinite(value):
         raise ConfigError(f"{path} must be a finite number, got {value!r}")
     allowed = CHOICES.get(path)
     if allowed and value not in allowed:
         raise ConfigError(f"{path} must be one of {', '.join(allowed)}; got {value!r}")
     return value
+
+
+def _show(value: Any) -> str:
+    """repr(value) for an error message, or a stand-in where Python refuses to print it: an
+    integer of more than 4300 digits (sys.get_int_max_str_digits), or nesting too deep."""
+    try:
+        return repr(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__} too large to print>"
 
 
 def _plain(obj: Any) -> Any:

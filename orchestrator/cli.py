@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Run the alternating per-layer DFO search; writes config.yaml, "
                        "metrics.jsonl, results.json, adapter/, checkpoints/ and plots/.")
     _config_args(p)
+    p.add_argument("--tensorboard", metavar="LOGDIR", default=None,
+                   help="also log scalars for TensorBoard here (needs the tensorboard package)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (a config given "
                         "too must equal the stored one, unless --force)")

@@ -19,8 +19,10 @@ from orchestrator import presets
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.reporting import (
     bar_reporter,
+    fan_out,
     progress_reporter,
     stream_jsonl_reporter,
+    tensorboard_reporter,
 )
 from orchestrator.runfolder import ADAPTER, CHECKPOINTS, CONFIG, RunFolder, read_config
 from orchestrator.schedule import selection_metric
@@ -58,6 +60,7 @@ def run(args) -> int:
         _given(args) or not args.resume) else None
     if cfg is not None:
         validate_run(cfg)  # optimiser names too, before the folder is touched
+    board = tensorboard_reporter(args.tensorboard) if args.tensorboard else None
     folder = _folder(args, cfg, "dfo", resume=args.resume)
     stored = (RunConfig.from_dict(read_config(folder / CONFIG))
               if args.resume and (folder / CONFIG).exists() else None)
@@ -70,8 +73,10 @@ def run(args) -> int:
     if resumable:
         print(f"resuming from {folder.path}: checkpoints hold pickled optimiser state; resume "
               f"only folders you trust", file=sys.stderr)
-    result = search(cfg, folder.path, resume=args.resume, force=args.force,
-                    reporter=_reporter(args, (cfg or stored).budget))
+    reporter = _reporter(args, (cfg or stored).budget)
+    if board is not None:
+        reporter = fan_out(*(r for r in (reporter, board) if r is not None))
+    result = search(cfg, folder.path, resume=args.resume, force=args.force, reporter=reporter)
     _print_outcome(results_summary(cfg or stored, result), folder)
     return 0
 

@@ -39,7 +39,9 @@ def load(name: str) -> dict:
 
 def apply_sets(data: dict, sets: list[str]) -> dict:
     """`data` with each dotted KEY=VALUE override applied (VALUE parsed as YAML)."""
-    data = copy.deepcopy(data)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of keys, got {type(data).__name__}")
+    data = copy.deepcopy(data or {})
     for item in sets:
         key, eq, text = item.partition("=")
         key = key.strip()
@@ -48,9 +50,9 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
                               f"e.g. --set task.k=8")
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
+        except Exception as err:  # not only YAMLError: see _first_line
             raise ConfigError(f"--set {key}: the value '{text}' is not valid YAML "
-                              f"({str(err).splitlines()[0]})") from None
+                              f"({_first_line(err)})") from None
         *parents, leaf = key.split(".")
         node = data
         for depth, part in enumerate(parents):
@@ -61,6 +63,14 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
             node = child
         node[leaf] = value
     return data
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of a YAML parse error. PyYAML's constructors raise more than YAMLError on
+    bad scalars: ValueError for `2001-02-30` or an integer of over 4300 digits, AttributeError
+    for `!!timestamp x`, RecursionError for `[[[[...` nested too deep."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def resolve(config: str | None = None, preset: str | None = None,

@@ -67,7 +67,8 @@ def bar_reporter(budget: int, stream: TextIO | None = None) -> Reporter:
     candidates/s and ETA; dev evaluations and the final scores are printed above it."""
     from tqdm import tqdm
 
-    bar = tqdm(total=budget, unit="eval", file=stream or sys.stderr, dynamic_ncols=True,
+    out = stream or sys.stderr
+    bar = tqdm(total=budget, unit="eval", file=out, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} evals [{elapsed}<{remaining}]"
                           "{postfix}")
     shown = {"dev": None}
@@ -84,12 +85,12 @@ def bar_reporter(budget: int, stream: TextIO | None = None) -> Reporter:
         elif event in ("start", "dev"):
             metric = record.get("metric", "accuracy")
             shown["dev"] = record["dev"][metric]
-            bar.write(progress_line(record))
+            bar.write(progress_line(record), file=out)
         elif event == "final":
             bar.close()
-            print(progress_line(record), file=stream or sys.stderr, flush=True)
+            print(progress_line(record), file=out, flush=True)
         else:
-            bar.write(progress_line(record))
+            bar.write(progress_line(record), file=out)
 
     return report
 
@@ -99,6 +100,37 @@ def stream_jsonl_reporter(stream: TextIO | None = None) -> Reporter:
 
     def report(record: dict) -> None:
         print(json.dumps(record), file=stream or sys.stdout, flush=True)
+
+    return report
+
+
+def tensorboard_reporter(logdir: str | Path) -> Reporter:
+    """Scalars for TensorBoard (optional: needs the `tensorboard` package): best loss, loss*,
+    step size and candidates/s per generation, the dev metric per round, final metrics."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from common.errors import ConfigError
+
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install "
+                          "tensorboard") from None
+    writer = SummaryWriter(str(logdir))
+
+    def report(record: dict) -> None:
+        event, step = record.get("event"), record.get("evaluations", 0)
+        if event == "generation":
+            for key in ("best_loss", "loss_star", "step_size", "candidates_per_s"):
+                if record.get(key) is not None:
+                    writer.add_scalar(f"search/{key}", record[key], step)
+        elif event in ("start", "dev"):
+            metric = record.get("metric", "accuracy")
+            writer.add_scalar(f"dev/{metric}", record["dev"][metric], step)
+        elif event == "final":
+            for split in ("train", "dev", "test"):
+                writer.add_scalar(f"final/{split}_accuracy", record[split]["accuracy"], step)
+            writer.close()
+            return
+        writer.flush()
 
     return report
 

@@ -99,6 +99,9 @@ def read_config(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: "
                           f"{str(err).splitlines()[0]}") from None
+    except (ValueError, RecursionError) as err:  # PyYAML: `2001-02-30`, huge ints, deep nests
+        raise ConfigError(f"config file '{path}': a value YAML cannot read "
+                          f"({str(err)[:80]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -2,6 +2,8 @@
 
 Each actor loads the frozen model and the tokenised data once, in its constructor. Actor 0
 calibrates; the others receive its statistics, so every actor regenerates identical maps.
+`ActorShell` is the plain class and `EvalActor = ray.remote(ActorShell)` the actor, so tests
+can subclass the shell to inject faults (tests/integration/test_ray_faults.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from common.config import RunConfig
 from workers.worker import EvalWorker, combine_scores
 
 
-@ray.remote
-class EvalActor:
+class ActorShell:
+    """The remote methods `RayEvaluator` calls (orchestrator/evaluation/ray_eval.py)."""
+
     def __init__(self, cfg: dict, stats: dict | None = None, threads: int | None = None,
                  loaded=None, splits=None) -> None:
         if threads:
@@ -57,3 +60,6 @@ class EvalActor:
         import os
 
         return os.getpid()
+
+
+EvalActor = ray.remote(ActorShell)

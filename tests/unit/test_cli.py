@@ -201,3 +201,37 @@ def test_a_run_killed_in_its_first_checkpoint_starts_again(tmp_path, monkeypatch
     assert cli.main(["run", "--resume", "--out", str(out), "--progress", "quiet"]) == 0
     assert "resuming from" not in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text())["evaluations"] == 12
+
+
+# --- console reporters --------------------------------------------------------------------------
+
+def test_bar_reporter_shows_progress_and_final_line():
+    import io
+
+    from orchestrator.reporting import bar_reporter
+
+    stream = io.StringIO()
+    report = bar_reporter(60, stream)
+    report({"event": "start", "loss_star": 0.7, "dev": {"accuracy": 0.5, "loss": 0.7},
+            "metric": "accuracy"})
+    report({"event": "generation", "round": 0, "layer": 29, "method": "cma", "generation": 0,
+            "best_loss": 0.6, "loss_star": 0.6, "step_size": 1.0, "evaluations": 20,
+            "accepted": True, "seconds": 1.0, "candidates_per_s": 20.0})
+    report({"event": "final", "best_dev_round": 0, "train": {"accuracy": 0.9},
+            "dev": {"accuracy": 0.8}, "test": {"accuracy": 0.75}})
+    text = stream.getvalue()
+    assert "zero adapter" in text and "20/60" in text and "layer 29" in text
+    assert "test acc 0.7500" in text
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    code, _, err = run_cli("run", "--preset", "smoke", "--tensorboard", str(tmp_path / "tb"),
+                           "--out", str(tmp_path / "run"))
+    assert code == 2 and "pip install tensorboard" in err
+    assert not (tmp_path / "run").exists()
