@@ -111,7 +111,9 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    num_actors: int = 0  # 0: score in this process; N: N Ray actors (orchestrator/evaluation)
+    # 0: score in this process; N: N Ray actors (orchestrator/evaluation); -1: one Ray actor per
+    # GPU of the cluster, or per pair of CPUs when it has none
+    num_actors: int = 0
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     chunk_size: int | None = None  # candidates per dispatched chunk; null: population/(2 actors)
@@ -172,8 +174,9 @@ class RunConfig:
         for key in ("chunk_size", "deadline_s"):  # optional, but positive when given
             if getattr(self.cluster, key) is not None:
                 positive[f"cluster.{key}"] = getattr(self.cluster, key)
-        if self.cluster.num_actors < 0 or self.cluster.gpus_per_actor < 0:
-            raise ConfigError(f"cluster.num_actors and cluster.gpus_per_actor must be >= 0, got "
+        if self.cluster.num_actors < -1 or self.cluster.gpus_per_actor < 0:
+            raise ConfigError(f"cluster.num_actors must be >= -1 (-1: one per GPU or CPU pair) "
+                              f"and cluster.gpus_per_actor >= 0, got "
                               f"{self.cluster.num_actors} and {self.cluster.gpus_per_actor}")
         for key, value in positive.items():
             if not value > 0:

@@ -70,6 +70,18 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def auto_actors(resources: dict, cpus_per_actor: float,
+                gpus_per_actor: float) -> tuple[int, float, float]:
+    """(actors, cpus, gpus per actor) for `cluster.num_actors: -1`: one actor per GPU of the
+    cluster when it has GPUs, else one per pair of CPUs (at least one)."""
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        per = gpus_per_actor or 1.0
+        return max(1, int(gpus / per)), cpus_per_actor, per
+    cpus = int(resources.get("CPU", 1))
+    return max(1, cpus // 2), (2.0 if cpus >= 2 else 1.0), 0.0
+
+
 class RayEvaluator(Evaluator):
     def __init__(self, cfg: RunConfig, *, stats: dict | None = None, num_actors: int = 2,
                  cpus_per_actor: float = 1, gpus_per_actor: float = 0,
@@ -81,7 +93,12 @@ class RayEvaluator(Evaluator):
         # actor_cls: a Ray actor class with EvalActor's remote methods (default EvalActor); the
         # dispatch benchmark passes one that simulates scoring (bench/dispatch.py)
         self._actor_cls = actor_cls
-        init_ray(address, None if address else max(1, math.ceil(num_actors * cpus_per_actor)))
+        if num_actors < 0:  # auto: one actor per GPU, else one per pair of CPUs (issue 5)
+            init_ray(address, None)
+            num_actors, cpus_per_actor, gpus_per_actor = auto_actors(
+                ray.cluster_resources(), cpus_per_actor, gpus_per_actor)
+        else:
+            init_ray(address, None if address else max(1, math.ceil(num_actors * cpus_per_actor)))
         self._ray, self.cfg, self.deadline = ray, cfg, deadline_s
         self.start_timeout = start_timeout_s
         self.chunk_size, self.num_actors = chunk_size, num_actors

@@ -36,10 +36,10 @@ def cluster():
     ray.shutdown()
 
 
-def make_ray(chunk_size=None, **kw):
+def make_ray(chunk_size=None, num_actors=2, **kw):
     from orchestrator.evaluation.ray_eval import RayEvaluator
 
-    return RayEvaluator(CFG, num_actors=2, chunk_size=chunk_size,
+    return RayEvaluator(CFG, num_actors=num_actors, chunk_size=chunk_size,
                         actor_args={"loaded": tiny.model("gpt2"), "splits": tiny.splits()}, **kw)
 
 
@@ -117,7 +117,18 @@ def test_actor_killed_mid_generation_loses_nothing(cluster, how):
 
 def test_cluster_config_is_validated():
     assert CFG.replace(**{"cluster.num_actors": 1}).cluster.num_actors == 1
-    for key, bad in (("cluster.num_actors", -1), ("cluster.cpus_per_actor", 0),
+    for key, bad in (("cluster.num_actors", -2), ("cluster.cpus_per_actor", 0),
                      ("cluster.chunk_size", 0)):
         with pytest.raises(Exception, match=key):
             CFG.replace(**{key: bad})
+
+
+def test_auto_actor_count_on_the_local_cluster(cluster):
+    """num_actors -1 on this 2-CPU, GPU-less cluster: one actor holding the CPU pair."""
+    ev = make_ray(num_actors=-1)
+    try:
+        assert len(ev.actors) == ev.num_actors == 1 and ev._options["num_cpus"] == 2.0
+        z = np.zeros((3, ev.dim))
+        assert np.isfinite(ev.evaluate(1, z, ids(1, 3)).losses).all()
+    finally:
+        ev.close()

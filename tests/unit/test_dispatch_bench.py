@@ -79,3 +79,12 @@ def test_default_chunks_are_near_equal_index_ranges():
         c = chunks(n, actors)
         assert c[0][0] == 0 and c[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(c, c[1:], strict=False))
+
+
+def test_auto_actor_count_follows_the_cluster():
+    from orchestrator.evaluation.ray_eval import auto_actors
+
+    assert auto_actors({"CPU": 16.0, "GPU": 4.0}, 1.0, 0.0) == (4, 1.0, 1.0)
+    assert auto_actors({"CPU": 16.0, "GPU": 4.0}, 1.0, 0.5) == (8, 1.0, 0.5)
+    assert auto_actors({"CPU": 8.0}, 1.0, 0.0) == (4, 2.0, 0.0)
+    assert auto_actors({"CPU": 1.0}, 1.0, 0.0) == (1, 1.0, 0.0)
