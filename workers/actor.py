@@ -47,14 +47,10 @@ class ActorShell:
         return self.worker.delta_norms()
 
     def adapter(self) -> tuple[dict, dict]:
-        from workers.export import peft_adapter
-
-        return peft_adapter(self.worker)
+        return self.worker.peft_adapter()
 
     def peak_memory_mb(self) -> float:
-        from common.memory import peak_memory_mb
-
-        return peak_memory_mb(self.worker.device)
+        return self.worker.peak_memory_mb()
 
     def pid(self) -> int:
         import os

@@ -17,6 +17,7 @@ from common import loaders
 from common.config import RunConfig
 from common.data import Splits
 from common.errors import DfoloraError
+from common.memory import peak_memory_mb
 from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import inspect, installed, merge_delta
@@ -194,7 +195,16 @@ class EvalWorker:
         """Loss, accuracy and F1 of the committed state on 'train', 'dev' or 'test'."""
         return combine_scores([self.predict(split)], self.cfg)
 
-    # -- diagnostics --------------------------------------------------------------------------
+    # -- outputs and diagnostics ------------------------------------------------------------------
+    def peft_adapter(self) -> tuple[dict, dict]:
+        """The committed state in PEFT's LoRA format (workers/export.py)."""
+        from workers.export import peft_adapter
+
+        return peft_adapter(self)
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb(self.device)
+
     @torch.no_grad()
     def delta_ratio(self, layer: int, vector) -> tuple[float, float]:
         """||dW|| / ||W|| for the query and key deltas that `vector` gives at `layer`."""
