@@ -130,11 +130,12 @@ def runs(world):
             proc, log = launch(world, f"chain-{n}", *args)
             stop_at(proc, folder, point, sig)
             store = folder / "checkpoints"
-            latest = (store / "LATEST").read_text().strip() if store.exists() else None
+            pointer = store / "LATEST"  # absent when the kill landed in the first save
+            latest = pointer.read_text().strip() if pointer.exists() else None
             steps.append({"point": point, "signal": sig, "code": proc.returncode,
                           "output": log.read_text(), "resumed_damaged": damaged,
                           "latest_entry": latest})
-            damaged = damage(store, int((store / "LATEST").read_text())) if damage else None
+            damaged = damage(store, int(latest)) if damage and latest else None
             args = ["--resume", "--out", str(folder)]
         proc, log = launch(world, "chain-last", *args)
         proc.wait(timeout=300)
