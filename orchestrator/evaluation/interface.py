@@ -1,10 +1,10 @@
-"""The evaluator interface the driver and the schedule depend on (shared/style.md 6).
+"""The evaluator interface the driver and the schedule depend on (docs/design.md §6).
 
 An evaluator owns the frozen model, the data and the committed vector of every layer. The driver
 hands it a population for one layer, with one id per candidate, and gets back one training loss
 per candidate in the same order; it commits accepted vectors and scores the assembled state on a
 split. `LocalEvaluator` (local.py) drives an `EvalWorker` in this process; a Ray evaluator splits
-the population by index over actors and reassembles the losses by id (method.md §6).
+the population by index over actors and reassembles the losses by id (docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Evaluator(abc.ABC):
         return 1
 
     def delta_norms(self) -> list[dict]:
-        """Relative size of each committed delta per layer (method.md §2), if known."""
+        """Relative size of each committed delta per layer (docs/design.md §2), if known."""
         return []
 
     def adapter(self) -> tuple[dict, dict] | None:

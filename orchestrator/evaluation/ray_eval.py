@@ -2,7 +2,7 @@
 
 A population is cut into fixed chunks by index (`chunk_size`, never dependent on which actors
 are alive), each idle actor takes the next chunk, results come back in any order and are put
-in place by index (shared/style.md 7). Chunks smaller than population / actors let a fast actor
+in place by index (docs/design.md §6). Chunks smaller than population / actors let a fast actor
 take more of them. A chunk is always scored whole by one actor, so its losses do not depend on
 which actor scored it, and a fault only costs a re-dispatch:
 
@@ -93,7 +93,7 @@ class RayEvaluator(Evaluator):
         # actor_cls: a Ray actor class with EvalActor's remote methods (default EvalActor); the
         # dispatch benchmark passes one that simulates scoring (bench/dispatch.py)
         self._actor_cls = actor_cls
-        if num_actors < 0:  # auto: one actor per GPU, else one per pair of CPUs (issue 5)
+        if num_actors < 0:  # auto: one actor per GPU, else one per pair of CPUs
             init_ray(address, None)
             num_actors, cpus_per_actor, gpus_per_actor = auto_actors(
                 ray.cluster_resources(), cpus_per_actor, gpus_per_actor)

@@ -1,8 +1,8 @@
 """The batch ask/tell optimiser interface and all of its bookkeeping.
 
 An optimiser proposes a batch of candidate vectors with `ask(n) -> (n, dim)` and learns their
-losses with `tell(X, losses)`; it knows nothing of layers, Ray or torch (shared/style.md 1-4;
-the shape follows pycma's `cma/interfaces.py` and evosax's `algorithms/base.py`).
+losses with `tell(X, losses)`; it knows nothing of layers, Ray or torch (the
+shape follows pycma's `cma/interfaces.py` and evosax's `algorithms/base.py`).
 
 `Optimizer` validates every call, applies the one NaN/inf policy, keeps best-so-far and the
 counters, and serialises all of that.  A subclass supplies only its maths:
@@ -44,7 +44,7 @@ class Best:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-    """Immutable settings, apart from the evolving state (style point 4, pycma's purecma)."""
+    """Immutable settings, apart from the evolving state (as pycma's purecma keeps them)."""
 
     dim: int
     sigma0: float

@@ -1,7 +1,7 @@
 """The Fireworks Algorithm (FWA), written here: a bare-bones and a dynamic multi-firework variant.
 
 `fwa`: bare-bones FWA (BBFWA; J. Li and Y. Tan, "The bare bones fireworks algorithm: a
-minimalist global optimizer", Applied Soft Computing 62, 2018), as in shared/method.md section 5.
+minimalist global optimizer", Applied Soft Computing 62, 2018), as in docs/design.md §5.
 One firework, starting at x0; each generation draws n sparks uniformly in the box of half-width
 A around it; the firework moves to the best spark if that is strictly better, and then
 A *= 1.2, otherwise A *= 0.9 (A0 = sigma0).  The comparison needs the firework's own loss, so

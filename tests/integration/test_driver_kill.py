@@ -1,5 +1,5 @@
 """SIGKILL the real `dfolora run` process at chosen points, resume it, and get the uninterrupted
-run's outputs bit for bit (issue 7).
+run's outputs bit for bit (docs/design.md §8-9).
 
 The model is tests/tiny.py's random-weight GPT-2 saved as a local model folder, the task the
 custom CSV task of tests/fixtures: a real CLI process on a real model whose whole search takes

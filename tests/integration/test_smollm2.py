@@ -34,7 +34,7 @@ def test_first_generation_deltas_are_a_fraction_of_the_weights(worker):
 
 
 def test_residual_stream_scale_gives_enormous_deltas(worker, loaded):
-    """method.md §2: the paper's rule on a pre-norm model makes deltas far larger than W."""
+    """docs/design.md §2: the paper's rule on a pre-norm model makes deltas far larger than W."""
     paper = EvalWorker(CFG.replace(**{"adapter.init": "paper"}), loaded=loaded,
                        stats=worker.calibration_stats())
     z = np.random.default_rng(1).standard_normal(worker.dim)

@@ -139,7 +139,7 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path, monkeypatch, capsys):
         "accuracy"]
 
 
-# -- resume under a changed config: the diff, --force, the trust notice (issue 7) --------------
+# -- resume under a changed config: the diff, --force, the trust notice ------------------------
 
 def test_resume_with_a_changed_config_needs_force(tmp_path, monkeypatch, capsys):
     import orchestrator.driver as driver

@@ -1,4 +1,4 @@
-"""The alternating per-layer state machine on a synthetic layered objective (method.md §5).
+"""The alternating per-layer state machine on a synthetic layered objective (docs/design.md §5).
 
 Budget, layer order and subsets, alternation by round and by layer, re-centring on a method
 switch, the accept rules, dev selection, the NaN policy and stopped optimisers, through the

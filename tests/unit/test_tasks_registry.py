@@ -1,4 +1,4 @@
-"""The task registry (method.md §4): templates, label words, rendering; custom tasks from config."""
+"""The task registry (docs/design.md §4): templates, label words, rendering; custom tasks."""
 
 from pathlib import Path
 
@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SENTIMENT = ("negative", "positive")
 DBPEDIA = ("Company", "Education", "Artist", "Athlete", "Office", "Transportation", "Building",
            "Natural", "Village", "Animal", "Plant", "Album", "Film", "Written")
-# method.md §4, restated: task -> (classes, masked template, causal template, masked words,
+# docs/design.md §4, restated: task -> (classes, masked template, causal template, masked words,
 # causal words)
 TABLE = {
     "sst2": (2, "{text} It was {mask} .", "{text} It was", ("bad", "great"), SENTIMENT),
