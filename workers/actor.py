@@ -17,7 +17,8 @@ from workers.worker import EvalWorker, combine_scores
 
 
 class ActorShell:
-    """The remote methods `RayEvaluator` calls (orchestrator/evaluation/ray_eval.py)."""
+    """The remote methods the Ray evaluator calls (orchestrator/evaluation/pool.py, dispatch.py
+    and ray_eval.py)."""
 
     def __init__(self, cfg: dict, stats: dict | None = None, threads: int | None = None,
                  loaded=None, splits=None) -> None:

@@ -127,7 +127,7 @@ def test_auto_actor_count_on_the_local_cluster(cluster):
     """num_actors -1 on this 2-CPU, GPU-less cluster: one actor holding the CPU pair."""
     ev = make_ray(num_actors=-1)
     try:
-        assert len(ev.actors) == ev.num_actors == 1 and ev._options["num_cpus"] == 2.0
+        assert len(ev.actors) == ev.num_actors == 1 and ev.pool.resources["num_cpus"] == 2.0
         z = np.zeros((3, ev.dim))
         assert np.isfinite(ev.evaluate(1, z, ids(1, 3)).losses).all()
     finally:

@@ -13,6 +13,7 @@ shards, one per live actor, so they are compared to rounding; accuracies exactly
 import fcntl
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -323,8 +324,7 @@ def test_first_actor_that_cannot_be_scheduled(cluster):
 
 def test_local_cluster_listens_on_loopback_only(cluster):
     psutil = pytest.importorskip("psutil")
-    node = ray._private.worker.global_worker.node
-    assert node.node_ip_address == "127.0.0.1"
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     actor = LightActor.remote(None)
     ray.get(actor.pid.remote())  # a worker process too
     try:
@@ -343,3 +343,24 @@ def test_local_cluster_listens_on_loopback_only(cluster):
         assert {k: ip for k, ip in listening.items() if ip not in loopback} == {}
     finally:
         ray.kill(actor)
+
+
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` in the repository without the variable conftest.py sets."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_init_ray_itself_keeps_a_local_cluster_on_loopback():
+    """With nothing set beforehand, init_ray sets the variable before Ray's first import (a
+    node on the external address otherwise); Ray imported earlier is refused before a cluster
+    starts, where a public API cannot undo what Ray read on import."""
+    proc = fresh_python("from orchestrator.evaluation.pool import init_ray; init_ray(None, 1); "
+                        "import ray; print(ray.util.get_node_ip_address()); ray.shutdown()")
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "127.0.0.1", proc.stderr[-2000:]
+    proc = fresh_python("import ray; from orchestrator.evaluation.pool import init_ray; "
+                        "init_ray(None, 1)")
+    assert proc.returncode == 1 and "Ray was imported before" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr

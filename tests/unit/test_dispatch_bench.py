@@ -64,12 +64,10 @@ def test_bench_reports_every_setting(bench, cluster):
 
 
 def test_default_chunks_are_near_equal_index_ranges():
-    from types import SimpleNamespace
-
-    from orchestrator.evaluation.ray_eval import RayEvaluator
+    from orchestrator.evaluation.dispatch import chunks as split
 
     def chunks(n, actors, size=None):
-        return RayEvaluator._chunks(SimpleNamespace(chunk_size=size, num_actors=actors), n)
+        return split(n, size, actors)
 
     assert [b - a for a, b in chunks(20, 8)] == [2] * 4 + [1] * 12
     assert [b - a for a, b in chunks(20, 4)] == [3] * 4 + [2] * 4
