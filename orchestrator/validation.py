@@ -1,45 +1,30 @@
-"""Run settings checked before anything heavy happens, and the settings of each optimiser.
+"""Run settings checked before anything heavy happens.
 
-`validate_run(cfg)` is the first thing the driver does: an unknown optimiser or Nevergrad name,
-popsize < 2, sigma0 <= 0, a budget smaller than one generation or an option an optimiser does not
-take fails here, with the offending value in the message, before a model is loaded. It imports
-no torch (the optimiser registry is plain numpy; Nevergrad is imported only for its names).
+`validate_run(cfg)` is the first thing the driver does: an unknown optimiser or Nevergrad name
+(`optimizer.name` too when `schedule.optimizers` overrides it; set to anything but the default,
+it then also warns that it has no effect), popsize < 2, sigma0 <= 0, a budget smaller than one
+generation or an option an optimiser does not take fails here, with the offending value in the
+message, before a model is loaded. It imports no torch (the optimiser registry is plain numpy;
+Nevergrad is imported only for its names). What the optimisers are and their settings:
+orchestrator/methods.py.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import warnings
 
-from common.config import RunConfig
+from common.config import OptimizerConfig, RunConfig
 from common.errors import ConfigError
-from orchestrator.optimizers import make_optimizer, validate_settings
+from orchestrator.methods import methods, optimizer_options
+from orchestrator.optimizers import (
+    OptimizerError,
+    make_optimizer,
+    validate_optimizer_name,
+    validate_settings,
+)
 from orchestrator.optimizers.registry import NEVERGRAD_PREFIX
 
-
-def methods(cfg: RunConfig) -> tuple[str, ...]:
-    """The optimisers the schedule alternates: `schedule.optimizers`, else `optimizer.name`."""
-    return cfg.schedule.optimizers or (cfg.optimizer.name,)
-
-
-def optimizer_options(cfg: RunConfig, method: str, n_optimizers: int) -> dict[str, Any]:
-    """Keyword arguments of `make_optimizer(method, ...)` besides dim, x0 and seed.
-
-    `n_optimizers` is the number of (layer, method) optimisers of the run; a Nevergrad optimiser
-    without an explicit budget plans for its share of the run budget.
-    """
-    opt = cfg.optimizer
-    options: dict[str, Any] = {
-        "sigma0": opt.sigma0,
-        "popsize": opt.popsize,
-        "bounds": None if opt.bounds is None else (opt.bounds[0], opt.bounds[1]),
-    }
-    if method == "fwa-dyn" and opt.fireworks is not None:
-        options["n_fireworks"] = opt.fireworks
-    if method.startswith(NEVERGRAD_PREFIX):
-        share = math.ceil(cfg.budget / max(1, n_optimizers))
-        options["budget"] = opt.nevergrad_budget or share
-    return options
+__all__ = ["methods", "optimizer_options", "validate_run"]  # the first two: orchestrator/methods.py
 
 
 def validate_run(cfg: RunConfig) -> None:
@@ -48,6 +33,7 @@ def validate_run(cfg: RunConfig) -> None:
     names = methods(cfg)
     for name in names:
         validate_settings(name, cfg.optimizer.popsize, cfg.optimizer.sigma0)
+    _check_overridden_name(cfg.optimizer.name, names)
     if cfg.optimizer.fireworks is not None and "fwa-dyn" not in names:
         raise ConfigError(f"optimizer.fireworks applies to fwa-dyn only; the run uses "
                           f"{', '.join(names)}")
@@ -59,3 +45,18 @@ def validate_run(cfg: RunConfig) -> None:
     # fireworks than sparks); it costs milliseconds and no model.
     for name in names:
         make_optimizer(name, cfg.adapter.dim, seed=0, **optimizer_options(cfg, name, 1))
+
+
+def _check_overridden_name(name: str, names: tuple[str, ...]) -> None:
+    """`optimizer.name` when `schedule.optimizers` leaves it out: still an optimiser that must
+    exist (a typo is an error, not a silent no-op), and a warning when it was set to anything
+    but the default, since it then has no effect."""
+    if name in names:
+        return
+    try:
+        validate_optimizer_name(name)
+    except OptimizerError as err:
+        raise OptimizerError(f"optimizer.name: {err}") from None
+    if name != OptimizerConfig.name:
+        warnings.warn(f"optimizer.name {name!r} has no effect: schedule.optimizers "
+                      f"[{', '.join(names)}] decides the optimisers")  # once per process

@@ -74,6 +74,8 @@ def run_cli(*args, cwd=None):
     (["run", "--set", "budgte=3", "--out", "{tmp}/a"], "did you mean 'budget'"),
     (["run", "--preset", "nope", "--out", "{tmp}/a"], "unknown preset 'nope'"),
     (["run", "--set", "optimizer.name=adam", "--out", "{tmp}/a"], "unknown optimiser"),
+    (["run", "--preset", "smoke", "--set", "optimizer.name=nevergrad:NoSuchOptimizer", "--out",
+      "{tmp}/a"], "optimizer.name: unknown Nevergrad optimiser 'NoSuchOptimizer'"),
     (["run", "--resume"], "--resume needs --out"),
     (["run", "--resume", "--out", "{tmp}/empty"], "nothing to resume"),
     (["run", "--out", "{tmp}/full"], "not empty"),
@@ -90,6 +92,18 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, args, match):
     assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
     assert not (tmp_path / "a").exists()
+
+
+def test_an_optimizer_name_without_effect_is_one_warning_line(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("precious")
+    code, _, err = run_cli("run", "--preset", "smoke", "--set", "optimizer.name=fwa-dyn",
+                           "--out", str(tmp_path / "full"))
+    assert code == 2 and err.splitlines() == [
+        "warning: optimizer.name 'fwa-dyn' has no effect: schedule.optimizers [cma, fwa] "
+        "decides the optimisers",
+        f"error: output folder '{tmp_path / 'full'}' is not empty: pass --resume to continue "
+        f"the run there, or choose another --out"]
 
 
 def test_help_everywhere():

@@ -4,6 +4,7 @@ records for reporters, and evaluator results checked."""
 import io
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,24 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path, no_model, data, erro
     assert "\n" not in message and all(w in message for w in words), message
     assert isinstance(err.value, DfoloraError)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_overridden_optimizer_name_is_still_checked(tmp_path, no_model):
+    """schedule.optimizers decides the optimisers, but a bad optimizer.name is not ignored,
+    and one set to something else than the default warns that it has no effect."""
+    over = {"schedule": {"optimizers": ["cma", "fwa"]}}
+    with pytest.raises(OptimizerError, match="optimizer.name: unknown Nevergrad optimiser "
+                                             "'NoSuchOptimizer'"):
+        run(RunConfig.from_dict({**over, "optimizer": {"name": "nevergrad:NoSuchOptimizer"}}),
+            tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.warns(UserWarning, match=r"optimizer.name 'fwa-dyn' has no effect: "
+                                         r"schedule.optimizers \[cma, fwa\] decides"):
+        validate_run(RunConfig.from_dict({**over, "optimizer": {"name": "fwa-dyn"}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_run(RunConfig.from_dict({"schedule": {"optimizers": ["fwa"]}}))  # default name
+        validate_run(RunConfig.from_dict({**over, "optimizer": {"name": "fwa"}}))  # one of them
 
 
 def test_good_settings_pass_validation():
