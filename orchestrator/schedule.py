@@ -31,8 +31,8 @@ from common.errors import ConfigError
 from common.seeding import derive_seed
 from common.tasks import task_spec
 from orchestrator.evaluation.interface import CandidateId, Evaluation
+from orchestrator.methods import methods, optimizer_options
 from orchestrator.optimizers import Optimizer, make_optimizer
-from orchestrator.validation import methods, optimizer_options
 
 OptKey = tuple[int, str]  # (layer, method)
 
