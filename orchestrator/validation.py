@@ -58,5 +58,6 @@ def _check_overridden_name(name: str, names: tuple[str, ...]) -> None:
     except OptimizerError as err:
         raise OptimizerError(f"optimizer.name: {err}") from None
     if name != OptimizerConfig.name:
+        # stacklevel 1: one place, so the CLI (which validates twice) shows it once
         warnings.warn(f"optimizer.name {name!r} has no effect: schedule.optimizers "
-                      f"[{', '.join(names)}] decides the optimisers")  # once per process
+                      f"[{', '.join(names)}] decides the optimisers", stacklevel=1)
