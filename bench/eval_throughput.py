@@ -11,7 +11,8 @@ same at every layer, so it is timed on `--ref-candidates` candidates spread over
 fast path's losses are checked against it on those candidates.
 
 Memory (two fresh processes): peak RSS of population scoring as the worker runs it by default vs
-one training step of gradient LoRA (PEFT, same rank, q/k, same 32 examples in one batch, AdamW).
+one training step of gradient LoRA as workers/gradient_lora.py takes it (PEFT, same rank, q/k,
+label-word head, same 32 examples in one batch, AdamW), in a process with no EvalWorker.
 `memory_ratio_vs_backprop` compares the peaks' increase over the loaded model; the peak is reset
 after loading (/proc/self/clear_refs) so load-time transients do not count.
 
@@ -118,28 +119,26 @@ def memory_dfo(args) -> dict:
 
 
 def memory_backprop(args) -> dict:
+    """One gradient-LoRA step as workers/gradient_lora.py trains: its PEFT adapter (same rank,
+    q/k, seeded init), its label-word head and loss, AdamW. No EvalWorker is created in this
+    process, so the peak is the LoRA step's own."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from workers import models
-    from workers.worker import EvalWorker
+    from workers.gradient_lora import LoraRun
+    from workers.worker import load_splits
 
     cfg = config(args)
     loaded = models.load(cfg.model)
     base = rss_mb("VmRSS")
     reset_peak()
-    worker = EvalWorker(cfg, loaded=loaded)  # same tokenised examples and label words
-    (batch,) = [b.to(worker.device) for b in worker.prompter.batches(
-        worker.examples["train"], len(worker.examples["train"]))]
-    names = {"causal": ["q_proj", "k_proj"], "masked": ["query", "key"]}[worker.kind]
-    model = get_peft_model(loaded.model, LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.rank,
-                                                    target_modules=names, lora_dropout=0.0))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    label_ids = torch.tensor(worker.prompter.label_ids)
+    # the splits are loaded after the reset, as EvalWorker loads them in memory_dfo
+    run = LoraRun(cfg, loaded, load_splits(cfg))  # same tokenised examples, label words, head
+    params, _ = run.attach()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
     with torch.enable_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        scored = logits[torch.arange(len(batch.labels)), batch.positions][:, label_ids]
-        loss = torch.nn.functional.cross_entropy(scored, batch.labels)
+        loss = run.loss(run.train_examples)  # all training examples in one batch
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return {"loaded_mb": base, "peak_mb": rss_mb("VmHWM"), "loss": float(loss.detach())}

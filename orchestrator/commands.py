@@ -113,16 +113,38 @@ def lora(args) -> int:
     from workers.gradient_lora import train_lora
 
     cfg = presets.resolve(args.config, args.preset, args.sets)
+    lrs = _lr_grid(args.lr)
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be an integer >= 1, got {args.epochs}")
     folder = _folder(args, cfg, "lora")
     folder.write_config(cfg)
     report = _reporter(args, 0) if args.progress in ("json", "lines") else None
-    results = train_lora(cfg, lr=args.lr, epochs=args.epochs, out_dir=str(folder / ADAPTER),
+    results = train_lora(cfg, lr=lrs, epochs=args.epochs, out_dir=str(folder / ADAPTER),
                          progress=report)
-    results = {**results, **_identity(cfg), "metric": selection_metric(cfg),
-               "settings": {"lr": args.lr, "epochs": args.epochs}}
+    results = {**results, **_identity(cfg), "metric": selection_metric(cfg)}
     folder.write_results(results)
     _print_outcome(results, folder)
     return 0
+
+
+def _lr_grid(text) -> list[float]:
+    """`--lr`: one learning rate or a comma-separated grid of distinct finite numbers > 0."""
+    import math
+
+    values = []
+    for part in str(text).split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"--lr: {part.strip()!r} is not a number (give one learning rate "
+                              f"or a comma-separated list, e.g. 5e-4,1e-3,2e-3)") from None
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"--lr: learning rates must be finite numbers > 0, got "
+                              f"{part.strip()!r}")
+        values.append(value)
+    if len(set(values)) < len(values):
+        raise ConfigError(f"--lr: the learning rates must be distinct, got {text!r}")
+    return values
 
 
 def _identity(cfg: RunConfig) -> dict:
