@@ -11,7 +11,9 @@
 
 A user mistake (a bad key, a missing file, a non-empty output folder) is an `error:` line (a
 refused resume adds one line per changed key) and exit code 2, before any model is loaded;
-nothing already written is touched.
+nothing already written is touched. A mistake found only once the model or data load (a missing
+model, an unknown task) leaves no run folder behind either: what the refused command created is
+removed again (`commands.discard_refused`).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except DfoloraError as err:
+        commands.discard_refused(args)  # a refused run leaves no half-made folder behind
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

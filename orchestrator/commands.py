@@ -24,7 +24,7 @@ from orchestrator.reporting import (
     stream_jsonl_reporter,
     tensorboard_reporter,
 )
-from orchestrator.runfolder import ADAPTER, CHECKPOINTS, CONFIG, RunFolder, read_config
+from orchestrator.runfolder import ADAPTER, CHECKPOINTS, CONFIG, RESULTS, RunFolder, read_config
 from orchestrator.schedule import selection_metric
 from orchestrator.validation import validate_run
 
@@ -37,7 +37,18 @@ def _folder(args, cfg: RunConfig | None, method: str, resume: bool = False) -> R
         args.out = str(Path("runs") / f"{cfg.task.name}-{method}-{stamp}")
     folder = RunFolder(args.out)
     folder.prepare(resume)
+    args.run_folder = folder  # for discard_refused
     return folder
+
+
+def discard_refused(args) -> None:
+    """After a refusal (a DfoloraError): remove what the command created in a run folder that
+    was new or empty, unless it got as far as a checkpoint or results (docs/reliability.md)."""
+    folder = getattr(args, "run_folder", None)
+    if folder is None or (folder / RESULTS).exists() or CheckpointStore(
+            folder / CHECKPOINTS).exists():
+        return
+    folder.discard()
 
 
 def _reporter(args, budget: int):
@@ -90,20 +101,18 @@ def _print_outcome(results: dict, folder: RunFolder) -> None:
 
 
 def zero_shot(args) -> int:
-    from common.memory import peak_memory_mb
-    from workers.worker import EvalWorker
+    from orchestrator.evaluation.local import run_zero_shot
 
     cfg = presets.resolve(args.config, args.preset, args.sets)
     folder = _folder(args, cfg, "zero-shot")
     folder.write_config(cfg)
     began = time.perf_counter()
-    worker = EvalWorker(cfg)
-    scores = {split: worker.score(split) for split in ("train", "dev", "test")}
+    scores, peak_memory_mb = run_zero_shot(cfg)
     results = {"method": "zero-shot", **_identity(cfg),
                "zero_shot": {"dev": scores["dev"], "test": scores["test"]},
                "final": scores, "evaluations": 0,
                "wall_seconds": round(time.perf_counter() - began, 3),
-               "peak_memory_mb": peak_memory_mb(worker.device)}
+               "peak_memory_mb": peak_memory_mb}
     folder.write_results(results)
     _print_outcome(results, folder)
     return 0
@@ -160,25 +169,16 @@ def export(args) -> int:
                           f"finished run folder")
     out = RunFolder(args.out)
     out.prepare(resume=False)
+    args.run_folder = out  # for discard_refused
     if args.format == "peft":
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(adapter / name, out / name)
     else:
-        merge(RunConfig.from_dict(read_config(source / CONFIG)), adapter, out.path)
+        from orchestrator.evaluation.local import merge_adapter
+
+        merge_adapter(RunConfig.from_dict(read_config(source / CONFIG)), adapter, out.path)
     print(f"{args.format} export of {args.run_dir} written to {out.path}")
     return 0
-
-
-def merge(cfg: RunConfig, adapter: Path, out: Path) -> None:
-    """The base model with the adapter merged in (PEFT's merge_and_unload), save_pretrained."""
-    from peft import PeftModel
-
-    from workers import models
-
-    loaded = models.load(cfg.model)
-    merged = PeftModel.from_pretrained(loaded.model, str(adapter)).merge_and_unload()
-    merged.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
 
 
 def compare(args) -> int:

@@ -15,6 +15,7 @@ adapter arrives as numpy arrays from whichever process holds the model.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ VECTORS, ADAPTER, CHECKPOINTS, PLOTS = "best_vectors.npz", "adapter", "checkpoin
 class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.fresh = False  # prepare() found the folder missing or empty
+        self.made: list[Path] = []  # the folders prepare() created, innermost first
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -42,6 +45,8 @@ class RunFolder:
         if not resume and self.path.is_dir() and any(self.path.iterdir()):
             raise ConfigError(f"output folder '{self.path}' is not empty: pass --resume to "
                               f"continue the run there, or choose another --out")
+        self.fresh = not self.path.is_dir() or not any(self.path.iterdir())
+        self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
@@ -50,6 +55,23 @@ class RunFolder:
         except OSError as err:
             raise ConfigError(f"output folder '{self.path}' is not writable "
                               f"({err.strerror or err})") from None
+
+    def discard(self) -> None:
+        """Remove what was written since prepare() found the folder missing or empty (a refused
+        command's config.yaml, ...), and the folders prepare() created; a folder that held
+        anything before is left alone."""
+        if not self.fresh or not self.path.is_dir():
+            return
+        for item in self.path.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+        for folder in self.made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something else writes there) or already gone
+                break
 
     def write_config(self, cfg: RunConfig) -> None:
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,12 +1,17 @@
 """The in-process evaluator: an `EvalWorker` driven directly, for tests and single-machine runs.
 
-The worker (and with it torch) is imported when an evaluator is built, not when this module is
+This module is the driver side's entry point into workers/ (tests/unit/test_layering.py: no
+other orchestrator module imports workers/, apart from the Ray evaluator's spawn of the actor
+class). Besides `LocalEvaluator` it holds what the other commands run in this process:
+`run_zero_shot`, `train_gradient_lora` and `merge_adapter`. Workers (and with them torch) are
+imported when one of these is called or an evaluator is built, not when this module is
 imported, so the driver stays torch-free until a model is actually needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,3 +63,34 @@ class LocalEvaluator(Evaluator):
 
     def setup(self) -> dict:
         return {"calibration": self.worker.calibration_stats()}
+
+
+# -- the other commands' work, in this process (orchestrator/commands.py) ----------------------
+
+def run_zero_shot(cfg: RunConfig) -> tuple[dict, float]:
+    """The unadapted model's scores on train, dev and test, and the peak memory of the process
+    (common/memory.py) after scoring them."""
+    from workers.worker import EvalWorker
+
+    worker = EvalWorker(cfg)
+    scores = {split: worker.score(split) for split in ("train", "dev", "test")}
+    return scores, worker.peak_memory_mb()
+
+
+def train_gradient_lora(cfg: RunConfig, **options: Any) -> dict:
+    """The gradient LoRA baseline: `workers.gradient_lora.train_lora(cfg, **options)`."""
+    from workers.gradient_lora import train_lora
+
+    return train_lora(cfg, **options)
+
+
+def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> None:
+    """The base model with the adapter merged in (PEFT's merge_and_unload), save_pretrained."""
+    from peft import PeftModel
+
+    from workers import models
+
+    loaded = models.load(cfg.model)
+    merged = PeftModel.from_pretrained(loaded.model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)

@@ -106,6 +106,29 @@ def test_an_optimizer_name_without_effect_is_one_warning_line(tmp_path):
         f"the run there, or choose another --out"]
 
 
+@pytest.mark.parametrize("command", ["run", "zero-shot", "lora"])
+@pytest.mark.parametrize("bad, match", [("task.name=not_a_task", "unknown task 'not_a_task'"),
+                                        ("model.name=/nonexistent/model", "cannot load")])
+def test_a_run_refused_once_loading_leaves_no_folder(tmp_path, monkeypatch, capsys, command,
+                                                     bad, match):
+    """Mistakes found only when the model or data load: no runs/<task>-<method>-<time>/ left."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([command, "--preset", "smoke", "--set", bad, "--progress", "quiet"]) == 2
+    assert match in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_run_keeps_the_folders_it_did_not_create(tmp_path, capsys):
+    bad = ["--preset", "smoke", "--set", "task.name=not_a_task", "--progress", "quiet"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["zero-shot", *bad, "--out", str(empty)]) == 2
+    assert empty.is_dir() and list(empty.iterdir()) == []
+    assert cli.main(["zero-shot", *bad, "--out", str(tmp_path / "a" / "b" / "c")]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+    assert "unknown task 'not_a_task'" in capsys.readouterr().err
+
+
 def test_help_everywhere():
     for command in ([], ["run"], ["zero-shot"], ["lora"], ["export"], ["compare"], ["presets"]):
         code, out, _ = run_cli(*command, "--help")

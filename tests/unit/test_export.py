@@ -10,8 +10,8 @@ from peft_check import label_logits
 from safetensors.numpy import load_file
 
 from common.config import RunConfig
-from orchestrator.commands import merge
 from orchestrator.evaluation.local import LocalEvaluator
+from orchestrator.evaluation.local import merge_adapter as merge
 from orchestrator.runfolder import RunFolder
 
 CFG = {"task": {"k": 4}, "adapter": {"dim": 16}}
