@@ -25,6 +25,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.loss": ("ce", "hinge"),
     "schedule.alternate": ("round", "layer"),
     "schedule.accept": ("elitist", "xbest"),
+    "schedule.select": ("metric", "loss"),
+    "schedule.recenter": ("switch", "visit"),
+    "adapter.param": ("ab", "b", "a"),
 }
 
 
@@ -45,7 +48,9 @@ class TaskConfig:
     name: str = "rotten_tomatoes"
     k: int = 16  # examples per class in train, and again in dev
     template: str = "default"  # a named template of the task, or a literal with {text} / {mask}
-    label_words: tuple[str, ...] | None = None  # None: the task's words for the template
+    # one word per class, or a list of words per class whose logits are averaged (BBT-RGB's
+    # multi-word verbalisers); None: the task's words for the template
+    label_words: tuple[str | tuple[str, ...], ...] | None = None
     label_space: bool = True  # prepend a space to label words (BPE/SentencePiece tokenizers)
     label_token: str = "single"  # "first": allow multi-token words, scoring their first token
     max_test: int | None = 1000  # cap on test examples (class-stratified, fixed sample); None: all
@@ -68,8 +73,12 @@ class AdapterConfig:
     init: str = "qk-input"
     alpha: float = 1.0
     # qk-input only: rescale a layer's maps so that a typical first candidate's ||dW|| / ||W||
-    # is inside these bounds (workers/projection.py explains why); null keeps §2 exactly
+    # is inside these bounds (docs/design.md §2); null keeps the unscaled maps exactly
     ratio_bounds: tuple[float, ...] | None = (0.1, 1.0)
+    # which factors the vector searches (docs/design.md §2): ab: A and B both maps of z (the paper;
+    # the delta is quadratic in z and flat at 0); b: A fixed random, z -> B (linear in z); a: B
+    # fixed random, z -> A
+    param: str = "ab"
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,7 @@ class OptimizerConfig:
     # (that needs the optimiser registry, which this torch- and orchestrator-free module avoids)
     name: str = "cma"
     popsize: int = 20  # candidates per generation (CMA-ES lambda, FWA sparks)
-    sigma0: float = 1.0  # initial step size; also scales the projection maps (method.md §2)
+    sigma0: float = 1.0  # initial step size; also scales the projection maps (docs/design.md §2)
     bounds: tuple[float, ...] | None = None  # [lo, hi] box for every coordinate; must hold 0
     fireworks: int | None = None  # fwa-dyn only: number of fireworks (null: its default)
     # nevergrad:<Name> only: the budget Nevergrad plans for (NGOpt and other meta-optimisers
@@ -99,7 +108,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The alternating per-layer schedule of method.md §5."""
+    """The alternating per-layer schedule (docs/design.md §5)."""
 
     optimizers: tuple[str, ...] | None = None  # methods to alternate; null: [optimizer.name]
     alternate: str = "round"  # round: method = round % n; layer: method = layer index % n
@@ -107,6 +116,12 @@ class ScheduleConfig:
     layers: tuple[int, ...] | None = None  # visiting order (and subset); null: 0..L-1
     rounds: int | None = None  # null: until the budget is spent
     generations_per_visit: int = 1  # generations of a layer's optimiser per visit
+    # the dev score that picks the final snapshot: metric (the task's, e.g. accuracy; ties keep
+    # the earlier) or loss (dev loss, a finer signal on 32 examples)
+    select: str = "metric"
+    # re-centre a layer's optimiser on its committed vector: switch (only when the method
+    # changes) or visit (at every visit, so it never drifts from loss*)
+    recenter: str = "switch"
 
 
 @dataclass(frozen=True)
@@ -247,8 +262,17 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, path)
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for alternative in inner:  # e.g. a word or a list of words: the first that fits
+            try:
+                return _coerce(alternative, value, path)
+            except ConfigError as err:
+                errors.append(err)
+        # report the alternative of the value's own shape: a list's error inside the list
+        shaped = [e for a, e in zip(inner, errors, strict=True)
+                  if (typing.get_origin(a) is tuple) == isinstance(value, (list, tuple))]
+        raise (shaped or errors)[0]
     if origin is dict:  # string keys (YAML integer keys become strings) -> coerced values
         if not isinstance(value, dict) or not value:
             raise ConfigError(f"{path} must be a non-empty mapping, got {_show(value)}")

@@ -1,12 +1,13 @@
-"""Task definitions: classes, templates and label words (method.md §3-4). No torch, no I/O.
+"""Task definitions: classes, templates and label words (docs/design.md §3-4). No torch, no I/O.
 
 A template is a format string over the task's text fields (`{text}`, or `{text1}`/`{text2}` for
 sentence pairs) plus `{mask}` for masked LMs. Label words are given without a leading space; the
 tokenizer-facing code prepends one when `task.label_space` is set (BPE and SentencePiece tokenizers
 encode " great" and "great" differently; WordPiece ignores the space).
 
-`TASKS` holds method.md §4's tasks; `task_spec(cfg.task)` also builds a custom task from its config
-(`task.text_fields`, `task.labels` mapping label values to words, a literal `task.template`).
+`TASKS` holds the tasks of docs/design.md §4; `task_spec(cfg.task)` also builds a custom task from
+its config (`task.text_fields`, `task.labels` mapping label values to words, a literal
+`task.template`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from common.errors import ConfigError
 @dataclass(frozen=True)
 class Template:
     text: str
-    label_words: tuple[str, ...]
+    label_words: tuple  # a word per class, or a tuple of words (logits averaged)
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,12 @@ CUSTOM = "custom"
 
 _SENTIMENT_WORDS = ("negative", "positive")
 _SENTIMENT_CAUSAL = {
-    # method.md §4's causal template `<s> . It was`, written without the " ." between text and
+    # the paper's causal template `<s> . It was`, written without the " ." between text and
     # prompt: review snippets end with their own punctuation, so " ." would mostly give ". ."
-    # (env.md's and docs/benchmarks.md's figures use this form). Poor zero-shot (env.md: 0.61).
+    # (docs/environment.md's and docs/benchmarks.md's figures use this form). Poor zero-shot
+    # (docs/environment.md: 0.61).
     "default": Template("{text} It was", _SENTIMENT_WORDS),
-    # an instruction-style template the instruct model understands (env.md: 0.81)
+    # an instruction-style template the instruct model understands (docs/environment.md: 0.81)
     "instruct": Template("Review: {text}\nSentiment:", _SENTIMENT_WORDS),
 }
 _SENTIMENT_MASKED = {"default": Template("{text} It was {mask} .", ("bad", "great"))}
@@ -64,7 +66,7 @@ def _spec(name, classes, fields, masked, causal, masked_words, causal_words=None
                     masked={"default": Template(masked, masked_words)}, **kw)
 
 
-# method.md §4, one row each; the test split is GLUE's validation split for SST-2, MRPC and RTE
+# docs/design.md §4, one row each; the test split is GLUE's validation split for SST-2, MRPC, RTE
 TASKS: dict[str, TaskSpec] = {
     "sst2": _spec("sst2", _SENTIMENT_WORDS, ("text",), "{text} It was {mask} .",
                   "{text} It was", ("bad", "great"), _SENTIMENT_WORDS,

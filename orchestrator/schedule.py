@@ -1,4 +1,4 @@
-"""The alternating per-layer schedule of method.md §5 as an explicit, checkpointable state machine.
+"""The alternating per-layer schedule (docs/design.md §5) as a checkpointable state machine.
 
 Block-coordinate descent over layers: one optimiser per (layer, method), each keeping its state
 across visits; a generation asks one optimiser for a population for its layer, the evaluator
@@ -170,8 +170,10 @@ class Schedule:
             self._check_progress()
             if s.phase != "search":
                 return None
-        if not created and s.last_method.get(layer, method) != method:
-            opt.recenter(s.vectors[layer])  # the incoming method starts at the current vector
+        switched = s.last_method.get(layer, method) != method
+        visit_start = s.visit_generation == 0 and self.cfg.schedule.recenter == "visit"
+        if not created and (switched or visit_start):
+            opt.recenter(s.vectors[layer])  # start at the current vector (loss*)
         s.last_method[layer] = method
         Z = opt.ask()
         ids = tuple(CandidateId(s.round, layer, s.generation, i) for i in range(len(Z)))
@@ -199,7 +201,7 @@ class Schedule:
     def record_dev(self, dev: dict, delta_norms: list[dict] | None = None) -> dict:
         """Score of the assembled state on dev after a round (or at the end of the budget)."""
         s = self._expect("dev")
-        improved = dev[self.metric] > s.best_dev.dev[self.metric]  # ties keep the earlier
+        improved = self._better(dev, s.best_dev.dev)  # ties keep the earlier
         if improved:
             s.best_dev = Snapshot(s.round, s.evaluations, dev,
                                   {k: v.copy() for k, v in s.vectors.items()})
@@ -224,6 +226,12 @@ class Schedule:
         self._expect("final").phase = "done"
 
     # -- helpers ----------------------------------------------------------------------------
+    def _better(self, dev: dict, best: dict) -> bool:
+        """`select: metric`: a higher task metric; `loss`: a lower dev loss (strictly)."""
+        if self.cfg.schedule.select == "loss":
+            return dev["loss"] < best["loss"]
+        return dev[self.metric] > best[self.metric]
+
     def _expect(self, phase: str) -> ScheduleState:
         if self.state.phase != phase:
             raise RuntimeError(f"schedule is in phase {self.state.phase!r}, not {phase!r}")

@@ -14,9 +14,10 @@ from workers import fastpath
 
 @torch.no_grad()
 def label_logits(model, worker, split: str = "test") -> np.ndarray:
-    ids = torch.tensor(worker.prompter.label_ids)
+    ids = worker.prompter.label_ids
     out = []
     for batch in worker.batches[split]:
         logits = model(**fastpath.model_inputs(batch, worker.kind)).logits
-        out.append(fastpath.gather_positions(logits, batch.positions)[:, ids].float())
+        gathered = fastpath.gather_positions(logits, batch.positions)
+        out.append(fastpath.label_rows(gathered.T, ids).T.float())
     return torch.cat(out).numpy()

@@ -1,7 +1,7 @@
 """Prompting and tokenisation: template + label words -> padded, length-bucketed batches.
 
 Each example records the position whose logits are scored: the mask token for masked LMs, the
-last real token for causal LMs (method.md §3; batches are right-padded and the position is
+last real token for causal LMs (docs/design.md §3; batches are right-padded and the position is
 gathered, so pad tokens are never scored). Over-long texts lose tokens from their text part only.
 """
 
@@ -99,19 +99,32 @@ class Prompter:
         return out
 
 
-def label_token_ids(tokenizer: PreTrainedTokenizerBase, words: tuple[str, ...],
-                    task: TaskConfig) -> list[int]:
-    ids = []
-    for word in words:
-        text = " " + word if task.label_space and not word.startswith(" ") else word
-        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not pieces or (len(pieces) > 1 and task.label_token != "first"):
-            shown = tokenizer.convert_ids_to_tokens(pieces)
-            raise ConfigError(
-                f"task.label_words: {text!r} is {len(pieces)} tokens {shown}; choose a "
-                "single-token word or set task.label_token=first"
-            )
-        ids.append(pieces[0])
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"task.label_words {list(words)} map to the same token")
+def label_token_ids(tokenizer: PreTrainedTokenizerBase, words: tuple,
+                    task: TaskConfig) -> list[int | tuple[int, ...]]:
+    """One token id per class, or a tuple of ids for a class given a list of words (their logits
+    are averaged by the label head, workers/fastpath.py)."""
+    ids: list[int | tuple[int, ...]] = []
+    for entry in words:
+        group = tuple(_word_id(tokenizer, word, task)
+                      for word in ((entry,) if isinstance(entry, str) else entry))
+        ids.append(group[0] if isinstance(entry, str) else group)
+    flat = [i for entry in ids for i in ((entry,) if isinstance(entry, int) else entry)]
+    if len(set(flat)) != len(flat):
+        raise ConfigError(f"task.label_words {_plain(words)} map to the same token")
     return ids
+
+
+def _word_id(tokenizer: PreTrainedTokenizerBase, word: str, task: TaskConfig) -> int:
+    text = " " + word if task.label_space and not word.startswith(" ") else word
+    pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not pieces or (len(pieces) > 1 and task.label_token != "first"):
+        shown = tokenizer.convert_ids_to_tokens(pieces)
+        raise ConfigError(
+            f"task.label_words: {text!r} is {len(pieces)} tokens {shown}; choose a "
+            "single-token word or set task.label_token=first"
+        )
+    return pieces[0]
+
+
+def _plain(words: tuple) -> list:
+    return [w if isinstance(w, str) else list(w) for w in words]

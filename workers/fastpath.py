@@ -1,4 +1,4 @@
-"""Layer-by-layer execution for fast population scoring (method.md §6).
+"""Layer-by-layer execution for fast population scoring (docs/design.md §7).
 
 * `capture` runs the frozen model once on a batch and records, for every layer, the hidden state
   entering it and the other arguments the model passed to it (masks, rotary embeddings, ...). Those
@@ -125,10 +125,9 @@ def label_head(model: nn.Module, label_ids: list[int]) -> nn.Module:
     out = model.get_output_embeddings()
     small = nn.Linear(out.in_features, len(label_ids), bias=out.bias is not None,
                       device=out.weight.device, dtype=out.weight.dtype)
-    ids = torch.tensor(label_ids, device=out.weight.device)
-    small.weight = nn.Parameter(out.weight.detach()[ids].clone(), requires_grad=False)
+    small.weight = nn.Parameter(label_rows(out.weight.detach(), label_ids), requires_grad=False)
     if out.bias is not None:
-        small.bias = nn.Parameter(out.bias.detach()[ids].clone(), requires_grad=False)
+        small.bias = nn.Parameter(label_rows(out.bias.detach(), label_ids), requires_grad=False)
     path = next(name for name, mod in model.named_modules() if mod is out).split(".")
     if len(path) == 1:
         return small
@@ -141,6 +140,21 @@ def label_head(model: nn.Module, label_ids: list[int]) -> nn.Module:
     node._modules = dict(node._modules)
     node._modules[path[-1]] = small
     return top
+
+
+def label_rows(table: torch.Tensor, label_ids: list) -> torch.Tensor:
+    """Rows of `table` (vocab, ...) per class: a word's row, or the mean row of a word list.
+
+    The decoder is linear, so a mean row gives the mean of the words' logits, which is also the
+    mean of their full-vocabulary log-probabilities up to a constant shared by every class: the
+    class cross-entropy is the same as averaging log-probabilities (BBT-RGB's verbalisers).
+    """
+    rows = []
+    for entry in label_ids:
+        ids = torch.tensor([entry] if isinstance(entry, int) else list(entry),
+                           device=table.device)
+        rows.append(table[ids].double().mean(0).to(table.dtype) if len(ids) > 1 else table[ids[0]])
+    return torch.stack(rows).clone()
 
 
 def suffix_logits(arch: Architecture, head: nn.Module, state: BatchState, layer: int,

@@ -2,9 +2,9 @@
 
 `z` is cut into four chunks of d/4; chunk c is multiplied by a fixed map M_c (d/4, numel) and
 reshaped to its matrix. Maps are Gaussian with std `alpha * s_l / (sqrt(d) * sigma0)` where `s_l`
-is a robust spread measured once on the training data (method.md §2). Every worker regenerates the
-maps from (seed, layer, chunk) with its own CPU generator, so maps never travel and two workers
-with the same seed and statistics hold bit-identical maps.
+is a robust spread measured once on the training data (docs/design.md §2). Every worker
+regenerates the maps from (seed, layer, chunk) with its own CPU generator, so maps never travel
+and two workers with the same seed and statistics hold bit-identical maps.
 
 Departure from the letter of §2, measured on SmolLM2: the §2 scale makes a typical first candidate's
 delta 0.001x the weight at layer 0 (its pre-attention norm has gains ~0.03) and < 0.05x on about
@@ -64,10 +64,12 @@ class Projector:
     def __init__(self, shapes: list[LayerShape], *, rank: int, dim: int, init: str, alpha: float,
                  sigma0: float, seed: int, stats: CalibrationStats, device: torch.device,
                  weight_norms: list[tuple[float, float]] | None = None,
-                 ratio_bounds: tuple[float, float] | None = None):
+                 ratio_bounds: tuple[float, float] | None = None, param: str = "ab"):
         self.shapes, self.rank, self.dim, self.init = shapes, rank, dim, init
         self.alpha, self.sigma0, self.seed, self.stats = alpha, sigma0, seed, stats
-        self.device = device
+        self.device, self.param = device, param
+        # the chunks z is cut into (0: A_Q, 1: B_Q, 2: A_K, 3: B_K); the others are fixed
+        self.searched = {"ab": (0, 1, 2, 3), "b": (1, 3), "a": (0, 2)}[param]
         self._maps: dict[int, list[torch.Tensor]] = {}
         self.gains = [1.0] * len(shapes)
         if ratio_bounds is not None and weight_norms is not None and init == "qk-input":
@@ -83,11 +85,10 @@ class Projector:
         With iid entries, E||A B||_F^2 = in * out * r * var(A) * var(B), and an entry of A (or B)
         is a sum of d/4 terms z_i M_ij with z_i ~ N(0, sigma0^2).
         """
-        s, r, n = self.shapes[layer], self.rank, self.dim // 4
+        s, r = self.shapes[layer], self.rank
 
         def entry_std(chunk: int) -> float:
-            kind, size = self.scale(layer, chunk)
-            return math.sqrt(n) * self.sigma0 * (size if kind == "normal" else size / math.sqrt(3))
+            return self._entry_std(*self.scale(layer, chunk))
 
         rho_q = math.sqrt(s.q_in * s.q_out * r) * entry_std(0) * entry_std(1) / norms[0]
         rho_k = math.sqrt(s.k_in * s.k_out * r) * entry_std(2) * entry_std(3) / norms[1]
@@ -98,7 +99,7 @@ class Projector:
         return [s.q_in * r, r * s.q_out, s.k_in * r, r * s.k_out]
 
     def scale(self, layer: int, chunk: int) -> tuple[str, float]:
-        """('normal', std) or ('uniform', bound) for one map, per `init` (method.md §2)."""
+        """('normal', std) or ('uniform', bound) for one map, per `init` (docs/design.md §2)."""
         d = self.dim
         if self.init == "random":
             return "normal", 1 / math.sqrt(d)
@@ -113,12 +114,26 @@ class Projector:
         return "normal", self.alpha * spread / (math.sqrt(d) * self.sigma0)
 
     def maps(self, layer: int) -> list[torch.Tensor]:
+        """Per chunk: the map (n, numel) of a searched chunk, or the fixed factor (1, numel).
+
+        With `param` b or a, z is cut into two chunks of d/2 (n = d/2), each map's std shrunk by
+        sqrt(2) so that a candidate's factor entries keep the std they have with `ab`; a fixed
+        factor is drawn once with that same entry std (a typical first candidate's), so
+        `expected_ratio` and the ratio_bounds gains hold for every parametrisation.
+        """
         if layer not in self._maps:
             built = []
+            n = self.dim // len(self.searched)
             for c, numel in enumerate(self.chunk_numel(layer)):
-                gen = torch.Generator().manual_seed(derive_seed(self.seed, "map", layer, c))
                 kind, size = self.scale(layer, c)
-                shape = (self.dim // 4, numel)
+                if c in self.searched:
+                    gen = torch.Generator().manual_seed(derive_seed(self.seed, "map", layer, c))
+                    size *= math.sqrt((self.dim // 4) / n)
+                    shape = (n, numel)
+                else:
+                    gen = torch.Generator().manual_seed(derive_seed(self.seed, "fixed", layer, c))
+                    size = self._entry_std(kind, size)
+                    kind, shape = "normal", (1, numel)
                 if kind == "normal":
                     m = torch.randn(shape, generator=gen, dtype=torch.float32) * size
                 else:
@@ -127,11 +142,19 @@ class Projector:
             self._maps[layer] = built
         return self._maps[layer]
 
+    def _entry_std(self, kind: str, size: float) -> float:
+        """Std of a factor entry sum_i z_i M_ij over d/4 terms with z_i ~ N(0, sigma0^2)."""
+        spread = size if kind == "normal" else size / math.sqrt(3)
+        return math.sqrt(self.dim // 4) * self.sigma0 * spread
+
     def factors(self, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(A_Q, B_Q, A_K, B_K) for candidates z (C, d): shapes (C,in,r), (C,r,out), ..."""
         s, r = self.shapes[layer], self.rank
         z = z.to(self.device, torch.float32)
-        chunks = z.reshape(z.shape[0], 4, self.dim // 4).unbind(1)
-        flat = [c @ m for c, m in zip(chunks, self.maps(layer), strict=True)]
+        maps = self.maps(layer)
+        chunks = dict(zip(self.searched, z.reshape(z.shape[0], len(self.searched), -1).unbind(1),
+                          strict=True))
+        flat = [chunks[c] @ m if c in chunks else m.expand(z.shape[0], -1)
+                for c, m in enumerate(maps)]
         shapes = [(s.q_in, r), (r, s.q_out), (s.k_in, r), (r, s.k_out)]
         return tuple(f.reshape(z.shape[0], *shp) for f, shp in zip(flat, shapes, strict=True))

@@ -38,7 +38,7 @@ def reference_losses(worker: EvalWorker, layer: int, population,
     vectors = dict(worker.committed)
     for layer_i in range(worker.n_layers):  # pristine weights: every delta goes through hooks
         worker._merge(layer_i, committed=False)
-    label_ids = torch.tensor(worker.prompter.label_ids, device=worker.device)
+    label_ids = worker.prompter.label_ids
     out = []
     try:
         for z in z_all:
@@ -56,7 +56,8 @@ def reference_losses(worker: EvalWorker, layer: int, population,
                 for batch in batches:
                     inputs = fastpath.model_inputs(batch, worker.kind)
                     logits = worker.model(**inputs).logits  # full vocabulary, every position
-                    scored = fastpath.gather_positions(logits, batch.positions)[:, label_ids]
+                    scored = fastpath.label_rows(
+                        fastpath.gather_positions(logits, batch.positions).T, label_ids).T
                     per = example_losses(scored, batch.labels, worker.cfg.eval.loss,
                                          worker.cfg.eval.hinge_margin)
                     losses += float(per.double().sum())

@@ -3,7 +3,7 @@
 It loads the frozen model and the tokenised few-shot batches once, calibrates (or takes the
 statistics another worker measured), and keeps the committed best vector of every layer merged
 into the weights. `evaluate(layer, Z)` returns one training loss per candidate, using prefix
-reuse, candidate stacking and label-only logits (method.md §6; see workers/fastpath.py).
+reuse, candidate stacking and label-only logits (docs/design.md §7; see workers/fastpath.py).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class EvalWorker:
         self.projector = Projector(shapes, rank=a.rank, dim=a.dim, init=a.init, alpha=a.alpha,
                                    sigma0=cfg.optimizer.sigma0, seed=cfg.seed, stats=self.stats,
                                    device=self.device, ratio_bounds=a.ratio_bounds,
+                                   param=a.param,
                                    weight_norms=[tuple(float(torch.linalg.norm(w.double()))
                                                        for w in pair) for pair in self.pristine])
 
@@ -141,7 +142,7 @@ class EvalWorker:
                     except torch.OutOfMemoryError:
                         if sl.stop - sl.start == 1:
                             raise
-                        # chunk size adapts to memory (method.md §6): halve, remember, retry
+                        # stack size adapts to memory (docs/design.md §7): halve, remember, retry
                         self._stack_cap = max(1, (sl.stop - sl.start) // 2)
                         continue
                     start = sl.stop

@@ -195,3 +195,30 @@ def test_stopped_optimisers_are_skipped(tmp_path, monkeypatch):
     result = run(cfg, tmp_path / "all", evaluator=LayeredQuadratic())
     assert result.stop_reason == "every optimiser has stopped" and result.finished
     assert result.metrics == [] and result.best_dev["round"] is None
+
+
+def test_select_loss_keeps_the_lowest_dev_loss(tmp_path):
+    result = run(config(budget=200, select="loss"), tmp_path, evaluator=LayeredQuadratic(
+        dev_shift=0.1))
+    losses = [result.zero_shot["dev"]["loss"]] + [d["dev"]["loss"] for d in result.dev_history]
+    first_best = losses.index(min(losses))
+    assert result.best_dev["round"] == (None if first_best == 0 else first_best - 1)
+    assert result.final["dev"]["loss"] == min(losses)
+
+
+def test_recenter_visit_starts_every_visit_at_the_committed_vector():
+    # one method per layer: only `recenter: visit` moves CMA-ES's mean back to loss*'s vector
+    def means(recenter):
+        ev, seen = LayeredQuadratic(), []
+
+        def check(s, gen):
+            if gen.round >= 1 and s.state.visit_generation == 0:
+                es = s.optimizers[(gen.layer, "cma")]._es
+                seen.append(np.array_equal(s.state.vectors[gen.layer], np.array(es.mean)))
+
+        drive(Schedule(config(budget=300, optimizers=["cma"], recenter=recenter), 4, ev.dim),
+              ev, check)
+        return seen
+
+    assert means("visit") and all(means("visit"))
+    assert not all(means("switch"))

@@ -1,0 +1,152 @@
+"""The search study (docs/study.md): named variants of the demo setting x five seeds, paired.
+
+    python bench/study.py --variants base param-b --seeds 13 21 42 87 100 --jobs 2 --threads 1
+    python bench/study.py --report base param-b lora      # the table only, from finished runs
+
+Each variant is a list of `dfolora` options on top of `--preset demo --set seed=S`; each run is
+a fresh process writing `runs/study/<variant>-<template>-s<seed>/` (a finished run, with its
+results.json, is not run again; an interrupted DFO run resumes). The report is a Markdown table
+per variant: test accuracy (mean ± std over seeds), dev accuracy and loss of the selected
+snapshot, zero-shot test, the paired difference against `--against` per seed (mean ± std), peak
+memory, wall time, and the command that reproduces the row. Settings are chosen on dev; test is
+only reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SEEDS = (13, 21, 42, 87, 100)
+WORDS_3 = "task.label_words=[[negative, bad, terrible], [positive, good, great]]"
+
+VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset demo`
+    "zero-shot": ["zero-shot"],
+    "lora": ["lora"],  # gradient LoRA, lr and epoch chosen on dev (its own default grid)
+    "base": ["run"],
+    "param-b": ["run", "--set", "adapter.param=b"],
+    "param-a": ["run", "--set", "adapter.param=a"],
+    "select-loss": ["run", "--set", "schedule.select=loss"],
+    "recenter": ["run", "--set", "schedule.recenter=visit"],
+    "words3": ["run", "--set", WORDS_3],
+    "lora-words3": ["lora", "--set", WORDS_3],
+    "zero-shot-words3": ["zero-shot", "--set", WORDS_3],
+}
+
+
+def add_variant(spec: str) -> str:
+    """`name=OPTIONS...` defines a variant on the command line (options split on spaces,
+    `--set` values may not contain spaces then); a plain name must be in VARIANTS."""
+    if "=" in spec.split()[0] and not spec.startswith("--"):
+        name, _, rest = spec.partition("=")
+        parts = rest.split()
+        VARIANTS[name] = parts if parts and parts[0] in ("run", "lora", "zero-shot") else [
+            "run", *parts]
+        return name
+    if spec not in VARIANTS:
+        raise SystemExit(f"error: unknown variant {spec!r}; known: {', '.join(VARIANTS)}")
+    return spec
+
+
+def command(name: str, seed: int, template: str, root: Path) -> list[str]:
+    args = VARIANTS[name]
+    return ["dfolora", args[0], "--preset", "demo", "--set", f"seed={seed}",
+            "--set", f"task.template={template}", *args[1:],
+            "--out", str(root / run_name(name, seed, template)), "--progress", "quiet"]
+
+
+def run_name(name: str, seed: int, template: str) -> str:
+    return f"{name}-{template}-s{seed}"
+
+
+def run_one(name: str, seed: int, template: str, root: Path, threads: int) -> None:
+    out = root / run_name(name, seed, template)
+    if (out / "results.json").exists():
+        return
+    cmd = [sys.executable, "-m", "orchestrator.cli", *command(name, seed, template, root)[1:]]
+    if out.exists() and VARIANTS[name][0] == "run":
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(f"[study] {out.name} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    status = proc.stdout.strip() if proc.returncode == 0 else f"FAILED\n{proc.stderr[-1500:]}"
+    print(f"[study] {out.name}: {status}", file=sys.stderr, flush=True)
+
+
+def load(name: str, seed: int, template: str, root: Path) -> dict | None:
+    path = root / run_name(name, seed, template) / "results.json"
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    return {"test": r["final"]["test"]["accuracy"], "dev": r["final"]["dev"]["accuracy"],
+            "dev_loss": r["final"]["dev"]["loss"], "zero": r["zero_shot"]["test"]["accuracy"],
+            "memory": r["peak_memory_mb"], "wall": r["wall_seconds"],
+            "settings": r.get("settings")}
+
+
+def mean_std(values: list[float], digits: int = 3, sign: bool = False) -> str:
+    fmt = f"{{:+.{digits}f}}" if sign else f"{{:.{digits}f}}"
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.{digits}f}"
+
+
+def report(names: list[str], seeds: list[int], template: str, root: Path, against: str) -> str:
+    base = {s: load(against, s, template, root) for s in seeds}
+    lines = [f"template `{template}`, seeds {' '.join(map(str, seeds))}; paired: minus "
+             f"`{against}` on the same seed", "",
+             "| variant | n | test acc | dev acc | dev loss | zero-shot test | paired test diff "
+             "| peak MB | wall s | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = {}
+    for name in names:
+        runs = {s: load(name, s, template, root) for s in seeds}
+        got = {s: r for s, r in runs.items() if r is not None}
+        if not got:
+            continue
+        diffs = [got[s]["test"] - base[s]["test"] for s in got if base.get(s)]
+        rows[name] = {s: r["test"] for s, r in got.items()}
+        cmd = " ".join(command(name, "S", template, root)[:-4])
+        lines.append(
+            f"| {name} | {len(got)} | {mean_std([r['test'] for r in got.values()])} "
+            f"| {mean_std([r['dev'] for r in got.values()])} "
+            f"| {mean_std([r['dev_loss'] for r in got.values()])} "
+            f"| {mean_std([r['zero'] for r in got.values()])} "
+            f"| {mean_std(diffs, sign=True) if name != against else '-'} "
+            f"| {statistics.mean(r['memory'] for r in got.values()):.0f} "
+            f"| {statistics.mean(r['wall'] for r in got.values()):.0f} | `{cmd}` |")
+    lines += ["", "per seed (test accuracy): " + json.dumps(rows)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--variants", nargs="*", default=[], action="extend",
+                        help="variants to run (then report)")
+    parser.add_argument("--report", nargs="*", default=None, help="variants to report only")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--template", default="default")
+    parser.add_argument("--root", default="runs/study", type=Path)
+    parser.add_argument("--against", default="lora", help="the paired baseline variant")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    args = parser.parse_args()
+    names = [add_variant(v) for v in args.variants]
+    cells = [(n, s) for s in args.seeds for n in names]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda c: run_one(c[0], c[1], args.template, args.root, args.threads),
+                      cells))
+    shown = [add_variant(v) for v in (args.report if args.report is not None else names)]
+    print(report(shown, args.seeds, args.template, args.root, args.against))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The search knobs of docs/study.md on tiny random-weight models: word lists per class and the
+B-only / A-only parametrisations (the schedule's select/recenter are in test_schedule.py)."""
+
+import numpy as np
+import pytest
+import tiny
+import torch
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from workers import fastpath
+from workers.reference import reference_losses
+from workers.worker import EvalWorker
+
+LISTS = [["bad", "terrible", "dull"], ["great", "good", "brilliant"]]
+
+
+def make_worker(family, task=None, adapter=None):
+    cfg = {"task": {"template": "{text} it was {mask} ." if family in ("roberta", "bert")
+                    else "{text} it was", "label_words": ["bad", "great"], "k": 4, **(task or {})},
+           "adapter": adapter or {},
+           "eval": {"batch_size": 3, "train_batch_size": 3, "max_stack_tokens": 100}}
+    return EvalWorker(RunConfig.from_dict(cfg), loaded=tiny.model(family), splits=tiny.splits())
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_word_lists_average_the_words_logits(family):
+    worker = make_worker(family, task={"label_words": LISTS})
+    tok = worker.prompter.tokenizer
+    assert [list(g) for g in worker.prompter.label_ids] == [
+        tok.convert_tokens_to_ids(words) for words in LISTS]
+    single = make_worker(family)  # same model, one word per class
+    batch = worker.batches["dev"][0]
+    inputs = fastpath.model_inputs(batch, worker.kind)
+    with torch.no_grad():
+        full = worker.model(**inputs).logits
+        scored = fastpath.gather_positions(full, batch.positions)
+    ids = [tok.convert_tokens_to_ids(words) for words in LISTS]
+    expect = torch.stack([scored[:, i].mean(-1) for i in ids], -1)
+    torch.testing.assert_close(worker.logits(batch), expect, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(single.logits(batch), worker.logits(batch))
+    # the fast path's population losses equal the plain full-vocabulary reference
+    z = np.random.default_rng(0).standard_normal((3, worker.dim))
+    np.testing.assert_allclose(worker.evaluate(worker.n_layers - 1, z).losses,
+                               reference_losses(worker, worker.n_layers - 1, z), rtol=1e-4)
+
+
+def test_word_lists_mixed_with_single_words_and_bad_lists():
+    cfg = RunConfig.from_dict({"task": {"label_words": [["bad", "terrible"], "great"]}})
+    assert cfg.task.label_words == (("bad", "terrible"), "great")
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg  # config.yaml round trip
+    with pytest.raises(ConfigError, match=r"task.label_words\[0\]\[1\] must be str, got 2"):
+        RunConfig.from_dict({"task": {"label_words": [["bad", 2], "great"]}})
+    with pytest.raises(ConfigError, match="map to the same token"):
+        make_worker("llama", task={"label_words": [["bad", "great"], ["great"]]})
+
+
+@pytest.mark.parametrize("param", ["b", "a"])
+def test_one_factor_parametrisations_are_linear_in_z(param):
+    worker = make_worker("llama", adapter={"param": param})
+    layer, proj = 1, worker.projector
+    z = torch.from_numpy(np.random.default_rng(1).standard_normal((2, worker.dim)))
+    zero = proj.factors(layer, torch.zeros(1, worker.dim))
+    fixed, searched = ((0, 2), (1, 3)) if param == "b" else ((1, 3), (0, 2))
+    assert all(zero[c].abs().sum() == 0 for c in searched)  # the delta is 0 at z = 0
+    assert all(zero[c].abs().sum() > 0 for c in fixed)
+    both, one, two = proj.factors(layer, z.sum(0, keepdim=True)), *(
+        proj.factors(layer, z[i:i + 1]) for i in range(2))
+    for c in searched:  # linear: f(z1 + z2) = f(z1) + f(z2)
+        torch.testing.assert_close(both[c], one[c] + two[c], rtol=1e-4, atol=1e-6)
+    for c in fixed:
+        assert torch.equal(one[c], two[c])
+    # a typical candidate's factor entries have the spread of the `ab` parametrisation's
+    ab = make_worker("llama").projector
+    big = torch.from_numpy(np.random.default_rng(2).standard_normal((64, worker.dim)))
+    for c in range(4):
+        ratio = float(proj.factors(layer, big)[c].std() / ab.factors(layer, big)[c].std())
+        assert 0.8 < ratio < 1.25, (c, ratio)
+
+
+def test_one_factor_parametrisation_scores_like_the_reference():
+    worker = make_worker("gpt2", adapter={"param": "b"})
+    z = np.random.default_rng(0).standard_normal((3, worker.dim))
+    np.testing.assert_allclose(worker.evaluate(1, z).losses, reference_losses(worker, 1, z),
+                               rtol=1e-4)
+    # z = 0 is the unadapted model: its loss is the zero adapter's training loss
+    assert worker.evaluate(1, np.zeros((1, worker.dim))).losses[0] == pytest.approx(
+        worker.score("train")["loss"], rel=1e-5)
