@@ -34,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "param-a": ["run", "--set", "adapter.param=a"],
     "select-loss": ["run", "--set", "schedule.select=loss"],
     "recenter": ["run", "--set", "schedule.recenter=visit"],
+    "l2": ["run", "--set", "schedule.l2=0.05"],
     "words3": ["run", "--set", WORDS_3],
     "lora-words3": ["lora", "--set", WORDS_3],
     "zero-shot-words3": ["zero-shot", "--set", WORDS_3],

@@ -122,6 +122,9 @@ class ScheduleConfig:
     # re-centre a layer's optimiser on its committed vector: switch (only when the method
     # changes) or visit (at every visit, so it never drifts from loss*)
     recenter: str = "switch"
+    # objective = training loss + l2 * mean(z^2) (a pull toward the zero delta, as OpenAI-ES and
+    # evosax decay weights); 0: the plain loss. loss* and the metrics records hold the objective
+    l2: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,8 @@ class RunConfig:
                                   f"got {list(sched.layers)}")
         if sched.rounds is not None and sched.rounds < 1:
             raise ConfigError(f"schedule.rounds must be >= 1 or null, got {sched.rounds}")
+        if not sched.l2 >= 0:
+            raise ConfigError(f"schedule.l2 must be >= 0, got {sched.l2}")
         if sched.generations_per_visit < 1:
             raise ConfigError(f"schedule.generations_per_visit must be >= 1, "
                               f"got {sched.generations_per_visit}")

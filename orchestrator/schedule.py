@@ -22,7 +22,7 @@ a candidate and is not counted.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -186,6 +186,9 @@ class Schedule:
         if gen.generation != s.generation:
             raise RuntimeError(f"tell() for generation {gen.generation}, expected {s.generation}")
         opt = self.optimizers[(gen.layer, gen.method)]
+        l2 = self.cfg.schedule.l2
+        if l2:  # the objective: training loss + l2 * mean(z^2), a pull toward the zero delta
+            result = replace(result, losses=result.losses + l2 * np.mean(gen.Z ** 2, axis=1))
         opt.tell(gen.Z, result.losses)
         commit = self._accept(gen, result.losses, opt)
         s.evaluations += len(gen.Z)

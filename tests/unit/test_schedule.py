@@ -222,3 +222,19 @@ def test_recenter_visit_starts_every_visit_at_the_committed_vector():
 
     assert means("visit") and all(means("visit"))
     assert not all(means("switch"))
+
+
+def test_l2_pull_adds_to_the_objective_and_shrinks_the_vectors(tmp_path):
+    plain = run(config(budget=300), tmp_path / "a", evaluator=LayeredQuadratic())
+    pulled = run(config(budget=300, l2=5.0), tmp_path / "b", evaluator=LayeredQuadratic())
+    ev = LayeredQuadratic()
+    schedule = Schedule(config(budget=300, l2=5.0), ev.n_layers, ev.dim)
+    schedule.start(1.0, ev.score("dev"))
+    gen = schedule.ask()
+    raw = ev.evaluate(gen.layer, gen.Z, gen.ids)
+    record, _ = schedule.tell(gen, raw)
+    np.testing.assert_allclose(record["losses"], raw.losses + 5.0 * np.mean(gen.Z ** 2, axis=1))
+    norm = sum(float(np.sum(v ** 2)) for v in pulled.vectors.values())
+    assert norm < sum(float(np.sum(v ** 2)) for v in plain.vectors.values())
+    with pytest.raises(Exception, match="schedule.l2 must be >= 0"):
+        config(l2=-1.0)
