@@ -27,6 +27,13 @@ def smoke(tmp_path_factory):
     return out, proc
 
 
+def counted(metrics: dict, n: int) -> bool:
+    """Metrics of n examples: the predicted classes add up to n, accuracy is a count over n."""
+    hits = metrics["accuracy"] * n
+    return (metrics["n"] == n and sum(metrics["predicted_counts"]) == n
+            and abs(hits - round(hits)) < 1e-9)
+
+
 def test_smoke_run_writes_every_output(smoke):
     out, proc = smoke
     assert "test accuracy" in proc.stdout and "zero-shot" in proc.stdout
@@ -37,13 +44,16 @@ def test_smoke_run_writes_every_output(smoke):
     cfg = RunConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
     assert cfg.budget == 40 and cfg.schedule.layers == (29, 28)
     results = json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sizes = {"train": 16, "dev": 16, "test": 40}  # smoke: k=8 per class, max_test 40
     for split in ("dev", "test"):
-        assert 0 <= results["zero_shot"][split]["accuracy"] <= 1
-    for split in ("train", "dev", "test"):
-        assert 0 <= results["final"][split]["accuracy"] <= 1
+        assert counted(results["zero_shot"][split], sizes[split]), split
+    for split in sizes:
+        assert counted(results["final"][split], sizes[split]), split
+    assert results["zero_shot"]["dev"] == records[0]["dev"]  # the start record's
+    assert {s: results["final"][s] for s in sizes} == {s: records[-1][s] for s in sizes}
     assert results["evaluations"] == 40 and results["peak_memory_mb"] > 100
     assert results["wall_seconds"] > 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "generation" for r in records) == 4
     adapter = json.loads((out / "adapter/adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "smollm2-135m"  # no local absolute paths

@@ -222,10 +222,13 @@ def test_job_submit_runs_the_cli_on_the_cluster(cluster, tmp_path):
     assert "test accuracy" in logs and f"outputs in {out}" in logs, logs[-4000:]
 
     results = json.loads((out / "results.json").read_text())
-    assert 0 <= results["final"]["test"]["accuracy"] <= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    test = results["final"]["test"]  # smoke: 40 test examples, scored by the actor
+    hits = test["accuracy"] * 40
+    assert test["n"] == sum(test["predicted_counts"]) == 40 and abs(hits - round(hits)) < 1e-9
+    assert test == records[-1]["test"]
     assert results["evaluations"] == 40
     assert yaml.safe_load((out / "config.yaml").read_text())["cluster"]["num_actors"] == 1
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "generation" for r in records) == 4
     assert (out / "adapter/adapter_config.json").is_file()
     assert any((out / "checkpoints").iterdir())

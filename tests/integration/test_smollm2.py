@@ -73,4 +73,6 @@ def test_zero_shot_command_reports_two_templates(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for name in ("default", "instruct"):
         test = report["results"][name]["test"]
-        assert test["n"] == 16 and 0.0 <= test["accuracy"] <= 1.0
+        hits = test["accuracy"] * 16  # a count of the 16 test examples
+        assert test["n"] == sum(test["predicted_counts"]) == 16 and hits == round(hits)
+    assert report["results"]["default"]["template"] != report["results"]["instruct"]["template"]

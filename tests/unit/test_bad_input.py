@@ -401,7 +401,16 @@ def check_from_dict(data) -> None:
     except ConfigError as err:
         assert str(err) and "\n" not in str(err)
     else:
-        assert isinstance(cfg, RunConfig)
+        # unknown keys are refused, so every key given is known; every key not given (at the
+        # top or inside a section given) keeps its default; and the config round-trips
+        given, full, default = data or {}, cfg.to_dict(), RunConfig().to_dict()
+        assert set(given) <= set(full)
+        for key, value in full.items():
+            if key not in given:
+                assert value == default[key], key
+            elif isinstance(given[key], dict):
+                assert set(given[key]) <= set(value), key
+                assert all(value[k] == default[key][k] for k in value if k not in given[key]), key
         assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 

@@ -4,10 +4,10 @@ records for reporters, and evaluator results checked."""
 import io
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from layered import LayeredQuadratic
 
@@ -123,9 +123,11 @@ def test_reporters_receive_every_record_in_order(tmp_path):
                                "optimizer": {"popsize": 4},
                                "schedule": {"optimizers": ["fwa", "cma"], "layers": [0, 1]}})
     records, stream = [], io.StringIO()
+    began = time.perf_counter()
     result = run(cfg, tmp_path / "run", evaluator=LayeredQuadratic(),
                  reporter=fan_out(records.append, progress_reporter(stream),
                                   jsonl_reporter(tmp_path / "records.jsonl")))
+    elapsed = time.perf_counter() - began
     events = [r["event"] for r in records]
     assert events == (["start"] + ["generation", "generation", "dev"] * 5 + ["final"])
     assert [r for r in records if r["event"] == "generation"] == result.metrics
@@ -133,4 +135,7 @@ def test_reporters_receive_every_record_in_order(tmp_path):
     assert len(lines) == len(records) and lines[-1].startswith("final (best dev after round")
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == len(records)
     assert result.summary()["evaluations"] == 40
-    assert np.isfinite(result.seconds)
+    # wall time: the session's, covering every generation's own seconds, within the call
+    assert sum(r["seconds"] for r in result.metrics) <= result.seconds <= elapsed
+    assert result.metrics[-1]["wall_seconds"] <= result.seconds
+    assert result.summary()["seconds"] == round(result.seconds, 3)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiny
 import yaml
@@ -161,5 +162,8 @@ def test_custom_task_from_yaml_and_csv_scores_zero_shot(monkeypatch):
     assert worker.prompter.tokenizer.convert_ids_to_tokens(worker.prompter.label_ids) == [
         "bad", "great"]
     result = worker.score("test")
-    assert result["n"] == 4 and 0.0 <= result["accuracy"] <= 1.0
+    logits, labels = worker.predict("test")
+    predicted = logits.argmax(-1)
+    assert result["n"] == 4 and result["accuracy"] == (predicted == labels).mean()
+    assert result["predicted_counts"] == np.bincount(predicted, minlength=2).tolist()
     assert len(worker.examples["train"]) == len(worker.examples["dev"]) == 4
