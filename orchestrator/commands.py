@@ -119,7 +119,7 @@ def zero_shot(args) -> int:
 
 
 def lora(args) -> int:
-    from workers.gradient_lora import train_lora
+    from orchestrator.evaluation.local import train_gradient_lora as train_lora
 
     cfg = presets.resolve(args.config, args.preset, args.sets)
     lrs = _lr_grid(args.lr)
