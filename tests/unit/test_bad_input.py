@@ -14,18 +14,9 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import tiny
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from common import data
-from common.config import (
-    AdapterConfig,
-    EvalConfig,
-    ModelConfig,
-    OptimizerConfig,
-    RunConfig,
-    TaskConfig,
-)
+from common.config import ModelConfig, RunConfig
 from common.errors import ConfigError, DataError, DfoloraError, ModelError
 from workers import models, zeroshot
 from workers.worker import EvalWorker
@@ -365,62 +356,3 @@ def test_valid_values_pass():
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert RunConfig.from_dict(None) == RunConfig.from_dict({}) == RunConfig()
-
-
-# -- configuration, fuzzed: anything JSON/YAML-like gives a RunConfig or a ConfigError ----------
-
-SECTIONS = {"model": ModelConfig, "task": TaskConfig, "adapter": AdapterConfig,
-            "eval": EvalConfig, "optimizer": OptimizerConfig}
-LEAVES = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-          | st.sampled_from(["auto", "causal", "masked", "first", "qk-input", "ce", "hinge",
-                             "{text} {mask}", "default"]))
-VALUES = st.recursive(
-    LEAVES,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=12,
-)
-
-
-def section(cls) -> st.SearchStrategy:
-    names = [f for f in cls.__dataclass_fields__]
-    keys = st.sampled_from(names) | st.text(max_size=6)
-    return st.dictionaries(keys, VALUES, max_size=len(names))
-
-
-CONFIGS = st.dictionaries(
-    st.sampled_from(["seed", *SECTIONS]) | st.text(max_size=6),
-    st.one_of(VALUES, *(section(cls) for cls in SECTIONS.values())),
-    max_size=6,
-)
-
-
-def check_from_dict(data) -> None:
-    try:
-        cfg = RunConfig.from_dict(data)
-    except ConfigError as err:
-        assert str(err) and "\n" not in str(err)
-    else:
-        # unknown keys are refused, so every key given is known; every key not given (at the
-        # top or inside a section given) keeps its default; and the config round-trips
-        given, full, default = data or {}, cfg.to_dict(), RunConfig().to_dict()
-        assert set(given) <= set(full)
-        for key, value in full.items():
-            if key not in given:
-                assert value == default[key], key
-            elif isinstance(given[key], dict):
-                assert set(given[key]) <= set(value), key
-                assert all(value[k] == default[key][k] for k in value if k not in given[key]), key
-        assert RunConfig.from_dict(cfg.to_dict()) == cfg
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(CONFIGS)
-def test_from_dict_only_raises_config_error(data):
-    check_from_dict(data)
-
-
-@settings(max_examples=60, deadline=None)
-@given(VALUES)
-def test_from_dict_on_any_json_value(data):
-    check_from_dict(data)

@@ -20,7 +20,15 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.config import CHOICES, RunConfig
+from common.config import (
+    CHOICES,
+    AdapterConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    TaskConfig,
+)
 from common.errors import ConfigError
 from orchestrator.presets import apply_sets, resolve
 
@@ -199,3 +207,62 @@ def test_yaml_values_that_crashed(text):
 def test_sets_over_a_non_mapping(base):
     with pytest.raises(ConfigError, match="must be a mapping"):
         apply_sets(base, ["seed=1"])
+
+
+# -- looser strategies (from test_bad_input.py): any key or value, sections by their fields --
+
+LOOSE_SECTIONS = {"model": ModelConfig, "task": TaskConfig, "adapter": AdapterConfig,
+                  "eval": EvalConfig, "optimizer": OptimizerConfig}
+LOOSE_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+                | st.sampled_from(["auto", "causal", "masked", "first", "qk-input", "ce", "hinge",
+                                   "{text} {mask}", "default"]))
+LOOSE_VALUES = st.recursive(
+    LOOSE_LEAVES,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def loose_section(cls) -> st.SearchStrategy:
+    names = [f for f in cls.__dataclass_fields__]
+    keys = st.sampled_from(names) | st.text(max_size=6)
+    return st.dictionaries(keys, LOOSE_VALUES, max_size=len(names))
+
+
+LOOSE_CONFIGS = st.dictionaries(
+    st.sampled_from(["seed", *LOOSE_SECTIONS]) | st.text(max_size=6),
+    st.one_of(LOOSE_VALUES, *(loose_section(cls) for cls in LOOSE_SECTIONS.values())),
+    max_size=6,
+)
+
+
+def check_from_dict(data) -> None:
+    try:
+        cfg = RunConfig.from_dict(data)
+    except ConfigError as err:
+        assert str(err) and "\n" not in str(err)
+    else:
+        # unknown keys are refused, so every key given is known; every key not given (at the
+        # top or inside a section given) keeps its default; and the config round-trips
+        given, full, default = data or {}, cfg.to_dict(), RunConfig().to_dict()
+        assert set(given) <= set(full)
+        for key, value in full.items():
+            if key not in given:
+                assert value == default[key], key
+            elif isinstance(given[key], dict):
+                assert set(given[key]) <= set(value), key
+                assert all(value[k] == default[key][k] for k in value if k not in given[key]), key
+        assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(LOOSE_CONFIGS)
+def test_from_dict_only_raises_config_error(data):
+    check_from_dict(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(LOOSE_VALUES)
+def test_from_dict_on_any_json_value(data):
+    check_from_dict(data)
