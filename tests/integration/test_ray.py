@@ -52,8 +52,8 @@ def test_distributed_losses_equal_in_process(cluster):
     local = make_local(remote.stats)
     try:
         z = np.random.default_rng(0).standard_normal((10, remote.dim))
-        for ev in (remote, local):
-            ev.commit(0, z[0])
+        for ev in (remote, local):  # a searched layer (the worker refuses others)
+            ev.commit(2, z[0])
         for layer in (1, 2):
             a = remote.evaluate(layer, z, ids(layer, 10)).losses
             b = local.evaluate(layer, z, ids(layer, 10)).losses
