@@ -37,6 +37,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import RunConfig  # noqa: E402
+from orchestrator.evaluation.dispatch import chunks  # noqa: E402
 from orchestrator.evaluation.interface import CandidateId  # noqa: E402
 from orchestrator.evaluation.ray_eval import RayEvaluator, init_ray  # noqa: E402
 
@@ -111,7 +112,7 @@ def measure(actors: int, populations: list[int], cost: float, generations: int,
     rows = []
     try:
         for n in populations:
-            sizes = [stop - start for start, stop in ev._chunks(n)]
+            sizes = [stop - start for start, stop in chunks(n, ev.chunk_size, ev.num_actors)]
             measured = statistics.median(time_generations(ev, n, generations, rng))
             ideal = math.ceil(n / actors) * cost
             rows.append({"actors": actors, "population": n, "chunk_size": max(sizes),

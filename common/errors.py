@@ -21,3 +21,10 @@ class DataError(DfoloraError):
 
 class ModelError(DfoloraError):
     """A model that cannot be found, loaded or adapted."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of `err`'s message, cut to `limit` characters ("" when it has none), to
+    name an underlying error inside a one-line DfoloraError."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else ""

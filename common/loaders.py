@@ -26,7 +26,7 @@ from common.data import (
     hold_out,
     rotten_tomatoes_splits,
 )
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, first_line
 from common.tasks import CUSTOM, TaskSpec, task_spec
 
 # column names a standard task's fields are found under, first match wins
@@ -112,7 +112,7 @@ def read_table(path: str, split: str) -> Table:
             raise DataError(f"{path}: unknown format '{file.suffix}'; use .csv, .tsv, .jsonl or "
                             "a folder written by datasets' save_to_disk")
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"{path}: cannot read ({type(err).__name__}: {_first_line(err)})") from None
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {first_line(err)})") from None
     if not table.rows:
         raise DataError(f"{path}: empty file (no data rows)")
     return table
@@ -173,7 +173,7 @@ def _load_from_disk(folder: Path):
         return datasets.load_from_disk(str(folder))
     except Exception as err:  # noqa: BLE001 - any failure inside datasets is a data error here
         raise DataError(f"{folder}: not a folder written by datasets' save_to_disk "
-                        f"({type(err).__name__}: {_first_line(err)})") from None
+                        f"({type(err).__name__}: {first_line(err)})") from None
 
 
 def _dataset_table(data, source: str) -> Table:
@@ -189,7 +189,7 @@ def hub_tables(spec: TaskSpec) -> tuple[Table, Table]:
         data = datasets.load_dataset(*spec.hub)
     except Exception as err:  # noqa: BLE001 - network, cache and hub errors alike
         raise DataError(f"cannot load {spec.name} ('{name}') from the Hugging Face hub "
-                        f"({type(err).__name__}: {_first_line(err)}); on a machine without "
+                        f"({type(err).__name__}: {first_line(err)}); on a machine without "
                         "network give task.train_file (and task.test_file)") from None
     missing = [s for s in ("train", spec.test_split) if s not in data]
     if missing:
@@ -205,11 +205,6 @@ def _datasets():
         raise DataError("hub names and save_to_disk folders need the 'datasets' package: "
                         "pip install datasets") from None
     return datasets
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 # -- rows -> examples -----------------------------------------------------------------------------

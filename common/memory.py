@@ -5,10 +5,10 @@ interpreter and libraries, so compare methods run in fresh processes (the CLI ru
 per process). On CUDA: `torch.cuda.max_memory_allocated` (tensors only, what the method itself
 needs), which belongs to the workers: workers/memory.py. common/ imports no torch.
 
-`peak_memory_mb(device)` stays here, with the same figures, for the workers modules that still
-import it from common (workers/worker.py, workers/gradient_lora.py): its CUDA branch reads the
-torch module its caller has loaded (a CUDA device exists only once torch is imported) rather
-than importing it. Once they import workers.memory it can go.
+`peak_memory_mb(device)` stays here, with the same figures, for the workers module that still
+imports it from common (workers/worker.py): its CUDA branch reads the torch module its caller
+has loaded (a CUDA device exists only once torch is imported) rather than importing it. Once it
+imports workers.memory this can go.
 """
 
 from __future__ import annotations

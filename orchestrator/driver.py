@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,10 @@ from orchestrator.checkpoint import CheckpointStore, Entry, atomic_write
 from orchestrator.evaluation.interface import CandidateId, Evaluator, check_evaluation
 from orchestrator.optimizers import restore_optimizer
 from orchestrator.plots import draw_plots
+from orchestrator.reporting import Reporter
 from orchestrator.runfolder import CHECKPOINTS, METRICS, PLOTS, RunFolder
 from orchestrator.schedule import Schedule, ScheduleState, selection_metric
 from orchestrator.validation import validate_run
-
-Reporter = Callable[[dict], None]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from common.config import RunConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, first_line
 from orchestrator.runfolder import read_config
 
 FOLDER = Path(__file__).with_name("presets")
@@ -50,9 +50,12 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
                               f"e.g. --set task.k=8")
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except Exception as err:  # not only YAMLError: see _first_line
+        except Exception as err:
+            # Not only YAMLError: PyYAML's constructors raise ValueError for `2001-02-30` or an
+            # integer of over 4300 digits, AttributeError for `!!timestamp x`, RecursionError
+            # for `[[[[...` nested too deep.
             raise ConfigError(f"--set {key}: the value '{text}' is not valid YAML "
-                              f"({_first_line(err)})") from None
+                              f"({first_line(err) or type(err).__name__})") from None
         *parents, leaf = key.split(".")
         node = data
         for depth, part in enumerate(parents):
@@ -63,14 +66,6 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
             node = child
         node[leaf] = value
     return data
-
-
-def _first_line(err: Exception) -> str:
-    """The first line of a YAML parse error. PyYAML's constructors raise more than YAMLError on
-    bad scalars: ValueError for `2001-02-30` or an integer of over 4300 digits, AttributeError
-    for `!!timestamp x`, RecursionError for `[[[[...` nested too deep."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def resolve(config: str | None = None, preset: str | None = None,

@@ -52,12 +52,12 @@ from peft.tuners.lora import LoraLayer
 from common.config import RunConfig
 from common.data import Example, Splits
 from common.errors import ConfigError, DfoloraError
-from common.memory import peak_memory_mb
 from common.seeding import derive_seed
 from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import Architecture, inspect
 from workers.batches import Batch, Prompter
+from workers.memory import peak_memory_mb
 from workers.scoring import example_losses
 from workers.worker import combine_scores, load_splits, model_max_length
 

@@ -34,25 +34,24 @@ from typing import Any
 import numpy as np
 
 from .base import IsolatedGlobalRNG, Optimizer, OptimizerError, legacy_random_state
+from .registry import NEVERGRAD_PREFIX
 
 with warnings.catch_warnings():
     # pycma (imported by Nevergrad) warns at import when matplotlib is missing; we never plot.
     warnings.filterwarnings("ignore", message=".*matplotlib.*", category=UserWarning)
     import nevergrad as ng
 
-PREFIX = "nevergrad:"
-
 
 def check_nevergrad_name(name: str) -> str:
     """The registry name in "nevergrad:<Name>", or OptimizerError naming a few close ones."""
-    ng_name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    ng_name = name[len(NEVERGRAD_PREFIX):] if name.startswith(NEVERGRAD_PREFIX) else name
     registry = ng.optimizers.registry
     if ng_name not in registry:
         by_lower = {key.lower(): key for key in registry}
         close = difflib.get_close_matches(ng_name, list(registry), n=5, cutoff=0.6)
         if ng_name.lower() in by_lower and by_lower[ng_name.lower()] not in close:
             close.insert(0, by_lower[ng_name.lower()])
-        hint = ", ".join(PREFIX + c for c in close) if close else "none close"
+        hint = ", ".join(NEVERGRAD_PREFIX + c for c in close) if close else "none close"
         raise OptimizerError(f"unknown Nevergrad optimiser {ng_name!r} in {name!r}; close "
                              f"names: {hint} ({len(registry)} in ng.optimizers.registry)")
     return ng_name
@@ -65,7 +64,7 @@ class NevergradOptimizer(Optimizer):
                  sigma0: float = 1.0, popsize: int = 20, seed: int = 0,
                  bounds: tuple[float, float] | None = None, budget: int | None = None) -> None:
         self.ng_name = check_nevergrad_name(name)
-        self.name = PREFIX + self.ng_name
+        self.name = NEVERGRAD_PREFIX + self.ng_name
         super().__init__(dim, x0=x0, sigma0=sigma0, popsize=popsize, seed=seed, bounds=bounds)
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
                                    or budget < 1):
