@@ -35,6 +35,8 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "select-loss": ["run", "--set", "schedule.select=loss"],
     "recenter": ["run", "--set", "schedule.recenter=visit"],
     "l2": ["run", "--set", "schedule.l2=0.05"],
+    "dim100": ["run", "--set", "adapter.dim=100"],
+    "dim40": ["run", "--set", "adapter.dim=40"],
     "words3": ["run", "--set", WORDS_3],
     "lora-words3": ["lora", "--set", WORDS_3],
     "zero-shot-words3": ["zero-shot", "--set", WORDS_3],
