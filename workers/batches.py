@@ -104,11 +104,14 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, words: tuple,
     """One token id per class, or a tuple of ids for a class given a list of words (their logits
     are averaged by the label head, workers/fastpath.py)."""
     ids: list[int | tuple[int, ...]] = []
+    flat: list[int] = []
     for entry in words:
-        group = tuple(_word_id(tokenizer, word, task)
-                      for word in ((entry,) if isinstance(entry, str) else entry))
-        ids.append(group[0] if isinstance(entry, str) else group)
-    flat = [i for entry in ids for i in ((entry,) if isinstance(entry, int) else entry)]
+        if isinstance(entry, str):
+            ids.append(_word_id(tokenizer, entry, task))
+            flat.append(ids[-1])
+        else:
+            ids.append(tuple(_word_id(tokenizer, word, task) for word in entry))
+            flat.extend(ids[-1])
     if len(set(flat)) != len(flat):
         raise ConfigError(f"task.label_words {_plain(words)} map to the same token")
     return ids
