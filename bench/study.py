@@ -35,6 +35,12 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "select-loss": ["run", "--set", "schedule.select=loss"],
     "recenter": ["run", "--set", "schedule.recenter=visit"],
     "l2": ["run", "--set", "schedule.l2=0.05"],
+    "hinge": ["run", "--set", "eval.loss=hinge"],
+    "layers3": ["run", "--set", "schedule.layers=[29,28,27]"],
+    "alpha2": ["run", "--set", "adapter.alpha=2"],
+    "alpha05": ["run", "--set", "adapter.alpha=0.5"],
+    "cma": ["run", "--set", "schedule.optimizers=[cma]"],
+    "noclamp": ["run", "--set", "adapter.ratio_bounds=null"],
     "dim100": ["run", "--set", "adapter.dim=100"],
     "dim40": ["run", "--set", "adapter.dim=40"],
     "words3": ["run", "--set", WORDS_3],
@@ -82,10 +88,40 @@ def run_one(name: str, seed: int, template: str, root: Path, threads: int) -> No
     print(f"[study] {out.name}: {status}", file=sys.stderr, flush=True)
 
 
+FIGURES = Path("docs/figures/study_runs.json")  # per-run figures of every finished study run
+
+
+def figure(r: dict, name: str) -> dict:
+    """The per-run record kept in FIGURES, from a run's results.json."""
+    return {"method": r["method"], "seed": r["seed"], "template": r["template"],
+            "test_accuracy": r["final"]["test"]["accuracy"],
+            "dev_accuracy": r["final"]["dev"]["accuracy"], "dev_loss": r["final"]["dev"]["loss"],
+            "zero_shot_test": r["zero_shot"]["test"]["accuracy"],
+            "evaluations": r.get("evaluations"), "peak_memory_mb": r["peak_memory_mb"],
+            "wall_seconds": r["wall_seconds"], "settings": r.get("settings") or {}}
+
+
+def save_figures(root: Path, path: Path = FIGURES) -> int:
+    """Merge every finished run under `root` into the figures file; returns how many it holds."""
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    for results in sorted(root.glob("*/results.json")):
+        kept[results.parent.name] = figure(json.loads(results.read_text()), results.parent.name)
+    path.write_text(json.dumps(dict(sorted(kept.items())), indent=1) + "\n")
+    return len(kept)
+
+
 def load(name: str, seed: int, template: str, root: Path) -> dict | None:
+    """A finished run's figures: from its results.json, else from FIGURES (a fresh checkout
+    reports the committed runs without rerunning them)."""
     path = root / run_name(name, seed, template) / "results.json"
     if not path.exists():
-        return None
+        kept = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+        f = kept.get(run_name(name, seed, template))
+        if f is None:
+            return None
+        return {"test": f["test_accuracy"], "dev": f["dev_accuracy"], "dev_loss": f["dev_loss"],
+                "zero": f["zero_shot_test"], "memory": f["peak_memory_mb"],
+                "wall": f["wall_seconds"], "settings": f.get("settings")}
     r = json.loads(path.read_text())
     return {"test": r["final"]["test"]["accuracy"], "dev": r["final"]["dev"]["accuracy"],
             "dev_loss": r["final"]["dev"]["loss"], "zero": r["zero_shot"]["test"]["accuracy"],
@@ -141,6 +177,8 @@ def main() -> None:
     parser.add_argument("--against", default="lora", help="the paired baseline variant")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--save-figures", action="store_true",
+                        help=f"merge every finished run's figures into {FIGURES}")
     args = parser.parse_args()
     names = [add_variant(v) for v in args.variants]
     cells = [(n, s) for s in args.seeds for n in names]
@@ -149,6 +187,8 @@ def main() -> None:
                       cells))
     shown = [add_variant(v) for v in (args.report if args.report is not None else names)]
     print(report(shown, args.seeds, args.template, args.root, args.against))
+    if args.save_figures:
+        print(f"{FIGURES}: {save_figures(args.root)} runs", file=sys.stderr)
 
 
 if __name__ == "__main__":

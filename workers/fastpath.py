@@ -5,6 +5,11 @@
   arguments do not depend on the adapter, so they are reused for the life of the worker.
 * `run_layers` advances a hidden state through a range of layers with the recorded arguments, so
   hidden states entering layer l are recomputed only when a layer below l is committed.
+* `frozen_prefix` computes the hidden states entering a layer for many batches without a full
+  forward: it records every layer's arguments in a pass that runs no layer (`record_calls`), then
+  runs the frozen layers below one at a time on every batch, each with parameters the caller
+  reads afresh and drops after (workers/models.py `WeightFiles`), so at most one of those layers
+  is resident at a time.
 * `suffix_logits` starts C stacked copies of a batch at layer l (tensors whose first dim is the
   batch are tiled candidate-major) and returns label-word logits at the scored positions only.
 """
@@ -12,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +53,15 @@ def model_inputs(batch: Batch, kind: str) -> dict:
     return inputs
 
 
-def capture(model: nn.Module, arch: Architecture, batch: Batch, kind: str) -> BatchState:
+def capture(model: nn.Module, arch: Architecture, batch: Batch, kind: str,
+            first: int = 0) -> BatchState:
+    """One full forward; the hidden states entering layers >= `first` and every layer's call."""
     state = BatchState(batch, [None] * arch.n_layers, [None] * arch.n_layers)
 
     def pre_hook(index):
         def hook(_module, args, kwargs):
-            state.hidden[index] = args[0].clone()
+            if index >= first:
+                state.hidden[index] = args[0].clone()
             state.calls[index] = LayerCall(tuple(args[1:]), dict(kwargs))
 
         return hook
@@ -71,6 +80,98 @@ def capture(model: nn.Module, arch: Architecture, batch: Batch, kind: str) -> Ba
         for handle in handles:
             handle.remove()
     return state
+
+
+def _identity(hidden, *_args, **_kwargs):
+    return hidden
+
+
+@torch.no_grad()
+def record_calls(arch: Architecture, batch: Batch, kind: str, base: nn.Module,
+                 params: dict[str, torch.Tensor]) -> BatchState:
+    """The hidden state entering layer 0 (in `hidden[0]`) and every layer's call arguments.
+
+    No layer runs: each layer's forward is the identity for this pass (the arguments a model
+    passes its layers are computed before its layer loop and do not depend on their outputs). The
+    base model runs with `params` substituted (torch.func.functional_call), so the embedding
+    tables can come from `WeightFiles` rather than the model's own resident copies.
+    """
+    state = BatchState(batch, [None] * arch.n_layers, [None] * arch.n_layers)
+
+    def pre_hook(index):
+        def hook(_module, args, kwargs):
+            if index == 0:
+                state.hidden[0] = args[0]
+            state.calls[index] = LayerCall(tuple(args[1:]), dict(kwargs))
+
+        return hook
+
+    def stop(_module, _args, _output):
+        raise _Stop
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+               for i, layer in enumerate(arch.layers)]
+    handles.append(arch.layers[-1].register_forward_hook(stop))
+    saved = [layer.__dict__.get("forward") for layer in arch.layers]  # e.g. accelerate's
+    for layer in arch.layers:
+        layer.forward = _identity  # an instance attribute: the class's forward is untouched
+    try:
+        torch.func.functional_call(base, params, (), model_inputs(batch, kind))
+    except _Stop:
+        pass
+    finally:
+        for layer, forward in zip(arch.layers, saved, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+        for handle in handles:
+            handle.remove()
+    if state.hidden[0] is None or any(call is None for call in state.calls):
+        raise RuntimeError("record_calls: the model did not call every layer")
+    return state
+
+
+@torch.no_grad()
+def frozen_prefix(arch: Architecture, states: list[BatchState], stop: int,
+                  layer_params: Callable[[int], dict[str, torch.Tensor]]) -> None:
+    """Advance every state's `hidden[0]` to `hidden[stop]` through layers [0, stop), layer-major.
+
+    `layer_params(i)` gives layer i's parameters; they are dropped before layer i + 1 is read,
+    and each batch's previous hidden state as soon as its next one exists.
+    """
+    for i in range(stop):
+        params = layer_params(i)
+        for state in states:
+            call = state.calls[i]
+            out = torch.func.functional_call(arch.layers[i], params,
+                                             (state.hidden[i], *call.args), call.kwargs)
+            state.hidden[i + 1] = out[0] if isinstance(out, tuple) else out
+            state.hidden[i] = None
+        del params
+
+
+@torch.no_grad()
+def module_input(arch: Architecture, state: BatchState, layer: int,
+                 module: nn.Module) -> torch.Tensor:
+    """What `module` (inside `layer`) receives when `layer` runs on `state.hidden[layer]`; the
+    rest of the layer is skipped."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run_layers(arch, state, layer, layer + 1, state.hidden[layer])
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"module_input: layer {layer} did not call the module")
+    return seen[0]
 
 
 def run_layers(arch: Architecture, state: BatchState, start: int, stop: int,

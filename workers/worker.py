@@ -4,10 +4,20 @@ It loads the frozen model and the tokenised few-shot batches once, calibrates (o
 statistics another worker measured), and keeps the committed best vector of every layer merged
 into the weights. `evaluate(layer, Z)` returns one training loss per candidate, using prefix
 reuse, candidate stacking and label-only logits (docs/design.md §7; see workers/fastpath.py).
+
+Only the searched layers (`schedule.layers`; null: all) keep pristine weight copies and
+calibration statistics, and training hidden states are cached from the lowest searched layer up.
+A worker that loads its own model (no `loaded=`) and searches no layer below some layer F also
+never holds layers 0..F-1 resident: their output is computed one layer at a time from the
+safetensors files, once for the train and dev examples (kept), and for the test examples each time
+test is scored, a group of batches at a time (not kept: the test split is large and scored twice);
+everything after starts at layer F ("frozen prefix", docs/design.md §7).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,12 +56,27 @@ def model_max_length(model, wanted: int) -> int:
     return min(wanted, limit) if limit else wanted
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the system (glibc's
+    malloc_trim; elsewhere a no-op): memory freed while building a worker would otherwise stay in
+    the process's resident set."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+TEST_GROUP = 16  # test batches whose frozen prefix is computed together (~15 MB on SmolLM2)
+
+
 class EvalWorker:
     def __init__(self, cfg: RunConfig, stats: dict | None = None,
                  loaded: models.LoadedModel | None = None, splits: Splits | None = None):
         self.cfg = cfg
         spec = task_spec(cfg.task)
         splits = splits or load_splits(cfg)
+        own = loaded is None  # a preloaded model (tests, benchmarks) keeps the full-forward path
         loaded = loaded or models.load(cfg.model)
         self.model, self.kind, self.device = loaded.model, loaded.kind, loaded.device
         template = resolve_template(spec, self.kind, cfg.task.template, cfg.task.label_words)
@@ -66,14 +91,33 @@ class EvalWorker:
         }
         self.arch = inspect(self.model)
         self.head = fastpath.label_head(self.model, self.prompter.label_ids)
-        self.pristine = [tuple(p.weight_view(p.module.weight).clone() for p in pair)
-                         for pair in self.arch.sites]
+        order = [i for i in cfg.schedule.layers or () if 0 <= i < self.n_layers]
+        self.searched = frozenset(order or range(self.n_layers))  # layers that take vectors
+        self.first = min(self.searched)  # no layer below it ever changes
+        # pristine q/k blocks of the searched layers; an empty stand-in (norm 0: the projector
+        # leaves its gain alone and never builds its maps) for the others
+        self.pristine = [tuple(p.weight_view(p.module.weight).clone() if i in self.searched
+                               else p.module.weight.new_empty(0) for p in pair)
+                         for i, pair in enumerate(self.arch.sites)]
         self.committed: dict[int, np.ndarray] = {}
         self._stack_cap = 1 << 30  # lowered when a stacked pass runs out of memory
-        self.states = [fastpath.capture(self.model, self.arch, b, self.kind)
-                       for b in self.batches["train"]]
-        self._valid = self.n_layers - 1  # hidden states entering layers <= this are current
-        self.stats = CalibrationStats.from_dict(stats) if stats else self._calibrate()
+        files = models.WeightFiles.of(loaded) if own and self.first > 0 else None
+        self._files = files  # .fallbacks: frozen tensors served from the model (not released)
+        # frozen prefix: train's and dev's batch states holding the hidden state entering layer
+        # `first` (which no commit changes); test's are made when scored. None: dev/test are
+        # scored by a full forward
+        self.prefix: dict[str, list[fastpath.BatchState]] | None = None
+        if files is not None:
+            kept = self._frozen_prefix(self.batches["train"] + self.batches["dev"])
+            n_train = len(self.batches["train"])
+            self.prefix = {"train": kept[:n_train], "dev": kept[n_train:]}
+            self.states = self.prefix["train"]
+            self._valid = self.first  # hidden states entering layers <= this are current
+        else:
+            self.states = [fastpath.capture(self.model, self.arch, b, self.kind, self.first)
+                           for b in self.batches["train"]]
+            self._valid = self.n_layers - 1
+        self.stats = CalibrationStats.from_dict(stats) if stats else self._calibrate(files)
         shapes = [LayerShape(q.in_features, q.out_features, k.in_features, k.out_features)
                   for q, k in self.arch.sites]
         a = cfg.adapter
@@ -83,6 +127,21 @@ class EvalWorker:
                                    param=a.param,
                                    weight_norms=[tuple(float(torch.linalg.norm(w.double()))
                                                        for w in pair) for pair in self.pristine])
+        release_free_memory()  # construction temporaries, before the first generation
+
+    @torch.no_grad()
+    def _frozen_prefix(self, batches: list[Batch]) -> list[fastpath.BatchState]:
+        """The batches' states with the hidden state entering layer `first`, without layers
+        0..first-1 (or the embedding tables) ever resident in the model: one pass records each
+        layer's arguments, then each frozen layer is read from the files, run on every batch
+        and dropped."""
+        files, base = self._files, self.model.base_model
+        embed = files.read(base, skip=(self.arch.layers, self.arch.final_norm))
+        states = [fastpath.record_calls(self.arch, b, self.kind, base, embed) for b in batches]
+        del embed
+        fastpath.frozen_prefix(self.arch, states, self.first,
+                               lambda i: files.read(self.arch.layers[i]))
+        return states
 
     @property
     def n_layers(self) -> int:
@@ -175,6 +234,15 @@ class EvalWorker:
         hidden = self.model.base_model(**inputs).last_hidden_state
         return self.head(fastpath.gather_positions(hidden, batch.positions))
 
+    @torch.no_grad()
+    def prefix_logits(self, state: fastpath.BatchState) -> torch.Tensor:
+        """`logits(state.batch)` from the stored hidden state entering layer `first`: the same
+        layers, final norm (on every position, as the base model applies it) and label head."""
+        hidden = fastpath.run_layers(self.arch, state, self.first, self.n_layers,
+                                     state.hidden[self.first])
+        hidden = self.arch.final_norm(hidden)
+        return self.head(fastpath.gather_positions(hidden, state.batch.positions))
+
     def predict(self, split: str, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
         """Label logits and gold labels of shard i of n of a split's batches (committed state).
 
@@ -189,7 +257,16 @@ class EvalWorker:
         batches = self.batches[split][index::count]
         if not batches:
             return np.zeros((0, len(self.prompter.label_ids)), np.float32), np.zeros(0, np.int64)
-        logits = torch.cat([self.logits(b) for b in batches]).float().cpu().numpy()
+        if self.prefix is not None and split in self.prefix:
+            parts = [self.prefix_logits(state) for state in self.prefix[split][index::count]]
+        elif self.prefix is not None:  # test: its prefix made group by group, not kept
+            parts = [self.prefix_logits(state)
+                     for start in range(0, len(batches), TEST_GROUP)
+                     for state in self._frozen_prefix(batches[start:start + TEST_GROUP])]
+            release_free_memory()
+        else:
+            parts = [self.logits(b) for b in batches]
+        logits = torch.cat(parts).float().cpu().numpy()
         return logits, torch.cat([b.labels for b in batches]).cpu().numpy()
 
     def score(self, split: str) -> dict:
@@ -224,38 +301,36 @@ class EvalWorker:
         return out
 
     @torch.no_grad()
-    def _calibrate(self) -> CalibrationStats:
-        """Robust spreads of q/k inputs and layer inputs on the training data, zero adapter."""
-        seen: list[list[torch.Tensor]] = [[] for _ in range(self.n_layers)]
-        hidden: list[list[torch.Tensor]] = [[] for _ in range(self.n_layers)]
-        masks: list[torch.Tensor] = []
+    def _calibrate(self, files: models.WeightFiles | None) -> CalibrationStats:
+        """Robust spreads of q/k inputs and layer inputs on the training data, zero adapter.
 
-        def hook(index):
-            return lambda _m, args: seen[index].append(args[0][masks[-1]].float())
-
-        handles = [pair[0].module.register_forward_pre_hook(hook(i))
-                   for i, pair in enumerate(self.arch.sites)]
-        try:
-            for state in self.states:
-                masks.append(state.batch.attention_mask.bool())
-                for i in range(self.n_layers):
-                    hidden[i].append(state.hidden[i][masks[-1]].float())
-                self.logits(state.batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        emb = self.model.get_input_embeddings().weight
-        emb = emb[:: max(1, emb.shape[0] // 4096)]  # a fixed row sample: 128k-word vocabularies
-        return CalibrationStats(
-            qk_input=tuple(robust_std(torch.cat(v)) for v in seen),
-            hidden=tuple(robust_std(torch.cat(v)) for v in hidden),
-            embedding=robust_std(emb),
-        )
+        Searched layers only (None for the others), one layer at a time: the values are those
+        a full forward gives, taken in the same order, so the statistics are bit-identical to
+        collecting every layer in one pass.
+        """
+        qk: list[float | None] = [None] * self.n_layers
+        hidden: list[float | None] = [None] * self.n_layers
+        masks = [state.batch.attention_mask.bool() for state in self.states]
+        for layer in sorted(self.searched):
+            self._prefix(layer)
+            pairs = list(zip(self.states, masks, strict=True))
+            hidden[layer] = robust_std(torch.cat([s.hidden[layer][m].float() for s, m in pairs]))
+            module = self.arch.sites[layer][0].module
+            qk[layer] = robust_std(torch.cat([
+                fastpath.module_input(self.arch, s, layer, module)[m].float() for s, m in pairs]))
+        table = self.model.get_input_embeddings()
+        step = max(1, table.weight.shape[0] // 4096)  # a fixed row sample: 128k-word vocabularies
+        emb = files.sample_rows(table, step) if files is not None else table.weight[::step]
+        return CalibrationStats(qk_input=tuple(qk), hidden=tuple(hidden),
+                                embedding=robust_std(emb))
 
     def _check(self, layer: int, vector, ndim: int) -> np.ndarray:
         if (not isinstance(layer, (int, np.integer)) or isinstance(layer, bool)
                 or not 0 <= layer < self.n_layers):
             raise DfoloraError(f"layer {layer!r} out of range: the model has {self.n_layers}")
+        if layer not in self.searched:
+            raise DfoloraError(f"layer {layer} is not searched: schedule.layers is "
+                               f"{sorted(self.searched)}")
         try:
             if np.iscomplexobj(vector):
                 raise TypeError("complex values")

@@ -11,14 +11,18 @@ from workers.reference import reference_losses
 from workers.worker import EvalWorker
 
 
-def make_worker(family, **overrides):
+def config(family, **overrides):
     cfg = {"task": {"template": "{text} it was {mask} ." if family in ("roberta", "bert")
                     else "{text} it was", "label_words": ["bad", "great"], "k": 4},
            "eval": {"batch_size": 3, "train_batch_size": 3, "max_stack_tokens": 100}}
     for key, value in overrides.items():
         section, leaf = key.split(".")
         cfg.setdefault(section, {})[leaf] = value
-    return EvalWorker(RunConfig.from_dict(cfg), loaded=tiny.model(family), splits=tiny.splits())
+    return RunConfig.from_dict(cfg)
+
+
+def make_worker(family, **overrides):
+    return EvalWorker(config(family, **overrides), loaded=tiny.model(family), splits=tiny.splits())
 
 
 @pytest.fixture(scope="module", params=tiny.FAMILIES)
@@ -129,3 +133,60 @@ def test_test_split_divided_among_workers_scores_the_same(worker):
     sharded = combine_scores(parts, worker.cfg)
     assert sharded["accuracy"] == whole["accuracy"] and sharded["f1"] == whole["f1"]
     assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
+# -- searched layers only, and the frozen prefix (docs/design.md §7) -----------------------------
+
+@pytest.fixture(scope="module", params=tiny.FAMILIES)
+def saved(request, tmp_path_factory):
+    """A tiny model saved as a folder (safetensors), so that a worker loads it itself."""
+    folder = tmp_path_factory.mktemp(request.param)
+    loaded = tiny.model(request.param, layers=4)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return request.param, folder
+
+
+def test_frozen_prefix_scores_equal_the_full_forward(saved, monkeypatch):
+    import workers.worker
+    from common.config import ModelConfig
+    from workers import models
+
+    monkeypatch.setattr(workers.worker, "TEST_GROUP", 3)  # test's prefix made in several groups
+
+    family, folder = saved
+    cfg = config(family, **{"model.name": str(folder), "schedule.layers": [3, 2]})
+    prefixed = EvalWorker(cfg, splits=tiny.splits())  # loads the folder itself
+    full = EvalWorker(cfg, loaded=models.load(ModelConfig(name=str(folder))),
+                      splits=tiny.splits())
+    assert set(prefixed.prefix) == {"train", "dev"} and full.prefix is None
+    assert prefixed._files.fallbacks == []  # every frozen tensor came from the file
+    assert prefixed.stats == full.stats  # bit-identical statistics
+    assert prefixed.stats.qk_input[:2] == (None, None) and None not in prefixed.stats.qk_input[2:]
+    z = population(4, seed=1)
+    np.testing.assert_array_equal(prefixed.evaluate(2, z).losses, full.evaluate(2, z).losses)
+    for worker in (prefixed, full):
+        worker.commit(3, population(1, seed=2)[0])
+    for split in ("train", "dev", "test"):
+        a, b = prefixed.predict(split), full.predict(split)
+        np.testing.assert_array_equal(a[0], b[0])  # the same operations: exactly
+        np.testing.assert_array_equal(a[1], b[1])
+        assert prefixed.score(split)["accuracy"] == full.score(split)["accuracy"]
+    np.testing.assert_array_equal(prefixed.evaluate(2, z).losses, full.evaluate(2, z).losses)
+    parts = [prefixed.predict("test", (i, 2)) for i in (1, 0)]
+    assert sum(len(p[1]) for p in parts) == prefixed.score("test")["n"]
+
+
+def test_unsearched_layers_are_refused_and_keep_no_copies(saved):
+    from common.errors import DfoloraError
+
+    family, folder = saved
+    worker = EvalWorker(config(family, **{"model.name": str(folder), "schedule.layers": [3, 2]}),
+                        splits=tiny.splits())
+    assert worker.searched == {2, 3} and worker.first == 2
+    assert all(w.numel() == 0 for pair in worker.pristine[:2] for w in pair)
+    assert all(s.hidden[1] is None for s in worker.states)
+    for call in (lambda: worker.evaluate(1, population(2)),
+                 lambda: worker.commit(0, population(1)[0])):
+        with pytest.raises(DfoloraError, match="not searched"):
+            call()
