@@ -41,6 +41,8 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "alpha05": ["run", "--set", "adapter.alpha=0.5"],
     "cma": ["run", "--set", "schedule.optimizers=[cma]"],
     "noclamp": ["run", "--set", "adapter.ratio_bounds=null"],
+    "ratio1": ["run", "--set", "adapter.ratio_bounds=[1.0,1.0]"],
+    "ratio04": ["run", "--set", "adapter.ratio_bounds=[0.4,0.4]"],
     "dim100": ["run", "--set", "adapter.dim=100"],
     "dim40": ["run", "--set", "adapter.dim=40"],
     "words3": ["run", "--set", WORDS_3],

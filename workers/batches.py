@@ -119,14 +119,37 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, words: tuple,
 
 def _word_id(tokenizer: PreTrainedTokenizerBase, word: str, task: TaskConfig) -> int:
     text = " " + word if task.label_space and not word.startswith(" ") else word
-    pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = in_context_ids(tokenizer, text)
     if not pieces or (len(pieces) > 1 and task.label_token != "first"):
         shown = tokenizer.convert_ids_to_tokens(pieces)
         raise ConfigError(
-            f"task.label_words: {text!r} is {len(pieces)} tokens {shown}; choose a "
-            "single-token word or set task.label_token=first"
-        )
+            f"task.label_words: {text!r} is {len(pieces)} tokens {shown} after the prompt; "
+            "choose a single-token word (e.g. a common one), or set task.label_token=first "
+            "to score its first token"
+            + ("" if task.label_space else ", or task.label_space=true"))
     return pieces[0]
+
+
+ANCHOR = "a"  # a one-piece word in every vocabulary we have met; see in_context_ids
+
+
+def in_context_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids `text` gets where it follows other text, as a label word follows the prompt.
+
+    Tokenising `text` alone is not that for SentencePiece-style tokenizers (Llama-2, Mistral,
+    T5: a `▁` word-boundary piece is put before the start of every input), where " great" alone
+    becomes ['▁', '▁great'] instead of the in-context ['▁great']. So a text that starts with a
+    space is tokenised after an anchor word and the anchor's ids are dropped; byte-level BPE
+    (GPT-2, Llama-3, SmolLM) gives the same ids either way (docs/design.md §3, label words).
+    """
+    alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not text.startswith(" "):
+        return alone
+    anchor = tokenizer(ANCHOR, add_special_tokens=False)["input_ids"]
+    both = tokenizer(ANCHOR + text, add_special_tokens=False)["input_ids"]
+    if both[: len(anchor)] != anchor:  # the anchor merged with the text: keep the plain ids
+        return alone
+    return both[len(anchor):]
 
 
 def _plain(words: tuple) -> list:
