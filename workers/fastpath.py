@@ -11,12 +11,12 @@
   reads afresh and drops after (workers/models.py `WeightFiles`), so at most one of those layers
   is resident at a time.
 * `suffix_logits` starts C stacked copies of a batch at layer l (tensors whose first dim is the
-  batch are tiled candidate-major) and returns label-word logits at the scored positions only.
+  batch are tiled candidate-major) and returns label-word logits at the scored positions only,
+  through the model's own output path (workers/head.py).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -214,48 +214,6 @@ def _tile(obj, n: int, rows: int, memo: dict):
 def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """hidden (N, T, H) -> (N, H) at one position per row."""
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-
-
-def label_head(model: nn.Module, label_ids: list[int]) -> nn.Module:
-    """The model's output head restricted to the label words' rows (logits only where needed).
-
-    For causal LMs that is a small Linear with the label rows of `lm_head`. For masked LMs the head
-    has a transform before its decoder (RoBERTa `lm_head`, BERT `cls`): we return a shallow copy
-    whose decoder is swapped for the small Linear, sharing every other parameter.
-    """
-    out = model.get_output_embeddings()
-    small = nn.Linear(out.in_features, len(label_ids), bias=out.bias is not None,
-                      device=out.weight.device, dtype=out.weight.dtype)
-    small.weight = nn.Parameter(label_rows(out.weight.detach(), label_ids), requires_grad=False)
-    if out.bias is not None:
-        small.bias = nn.Parameter(label_rows(out.bias.detach(), label_ids), requires_grad=False)
-    path = next(name for name, mod in model.named_modules() if mod is out).split(".")
-    if len(path) == 1:
-        return small
-    top = copy.copy(getattr(model, path[0]))
-    node = top
-    for part in path[1:-1]:
-        node._modules = dict(node._modules)
-        node._modules[part] = copy.copy(node._modules[part])
-        node = node._modules[part]
-    node._modules = dict(node._modules)
-    node._modules[path[-1]] = small
-    return top
-
-
-def label_rows(table: torch.Tensor, label_ids: list) -> torch.Tensor:
-    """Rows of `table` (vocab, ...) per class: a word's row, or the mean row of a word list.
-
-    The decoder is linear, so a mean row gives the mean of the words' logits, which is also the
-    mean of their full-vocabulary log-probabilities up to a constant shared by every class: the
-    class cross-entropy is the same as averaging log-probabilities (BBT-RGB's verbalisers).
-    """
-    rows = []
-    for entry in label_ids:
-        ids = torch.tensor([entry] if isinstance(entry, int) else list(entry),
-                           device=table.device)
-        rows.append(table[ids].double().mean(0).to(table.dtype) if len(ids) > 1 else table[ids[0]])
-    return torch.stack(rows).clone()
 
 
 def suffix_logits(arch: Architecture, head: nn.Module, state: BatchState, layer: int,

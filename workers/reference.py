@@ -12,6 +12,7 @@ import torch
 
 from workers import fastpath
 from workers.batches import Batch
+from workers.head import label_rows
 from workers.scoring import example_losses
 from workers.worker import EvalWorker
 
@@ -56,7 +57,7 @@ def reference_losses(worker: EvalWorker, layer: int, population,
                 for batch in batches:
                     inputs = fastpath.model_inputs(batch, worker.kind)
                     logits = worker.model(**inputs).logits  # full vocabulary, every position
-                    scored = fastpath.label_rows(
+                    scored = label_rows(
                         fastpath.gather_positions(logits, batch.positions).T, label_ids).T
                     per = example_losses(scored, batch.labels, worker.cfg.eval.loss,
                                          worker.cfg.eval.hinge_margin)

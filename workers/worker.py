@@ -32,6 +32,7 @@ from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import inspect, installed, merge_delta
 from workers.batches import Batch, Prompter
+from workers.head import LabelHead
 from workers.projection import CalibrationStats, LayerShape, Projector, robust_std
 from workers.scoring import classification_metrics, example_losses
 
@@ -90,7 +91,7 @@ class EvalWorker:
             for name, examples in self.examples.items()
         }
         self.arch = inspect(self.model)
-        self.head = fastpath.label_head(self.model, self.prompter.label_ids)
+        self.head = LabelHead(self.model, self.prompter.label_ids)
         order = [i for i in cfg.schedule.layers or () if 0 <= i < self.n_layers]
         self.searched = frozenset(order or range(self.n_layers))  # layers that take vectors
         self.first = min(self.searched)  # no layer below it ever changes
