@@ -9,7 +9,8 @@
   forward: it records every layer's arguments in a pass that runs no layer (`record_calls`), then
   runs the frozen layers below one at a time on every batch, each with parameters the caller
   reads afresh and drops after (workers/models.py `WeightFiles`), so at most one of those layers
-  is resident at a time.
+  is resident at a time. `layers_from` runs the model's own forward with those layers read the
+  same way.
 * `suffix_logits` starts C stacked copies of a batch at layer l (tensors whose first dim is the
   batch are tiled candidate-major) and returns label-word logits at the scored positions only,
   through the model's own output path (workers/head.py).
@@ -17,7 +18,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +151,42 @@ def frozen_prefix(arch: Architecture, states: list[BatchState], stop: int,
             state.hidden[i + 1] = out[0] if isinstance(out, tuple) else out
             state.hidden[i] = None
         del params
+
+
+@contextmanager
+def layers_from(arch: Architecture, stop: int,
+                layer_params: Callable[[int], dict[str, torch.Tensor]]) -> Iterator[None]:
+    """While open, layers [0, stop) run on `layer_params(i)` instead of their own parameters,
+    read as layer i starts and dropped as it ends: the model's own full forward with at most one
+    of those layers resident (the self-check's, workers/selfcheck.py)."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+
+    def restore(*_ignored) -> None:
+        while swapped:
+            module, leaf, own = swapped.pop()
+            module._parameters[leaf] = own
+
+    def swap_in(index):
+        def hook(layer, _args):
+            restore()
+            for name, tensor in layer_params(index).items():
+                owner, _, leaf = name.rpartition(".")
+                module = layer.get_submodule(owner)
+                swapped.append((module, leaf, module._parameters[leaf]))
+                module._parameters[leaf] = tensor
+
+        return hook
+
+    handles = []
+    for i in range(stop):
+        handles.append(arch.layers[i].register_forward_pre_hook(swap_in(i)))
+        handles.append(arch.layers[i].register_forward_hook(restore))
+    try:
+        yield
+    finally:
+        restore()
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ which
 
 so every transform and post-processing the model applies is applied, by the model's own code,
 to the label words' logits only. That is exact when the post-processing acts on each vocabulary
-entry alone (true of every family above); a head that mixes entries would be wrong.
+entry alone (true of every family above); a head that mixes entries would be wrong, and the
+worker's start-up self-check (workers/selfcheck.py) refuses it.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def _replace(root: nn.Module, path: list[str], new: nn.Module) -> None:
 def label_rows(table: torch.Tensor, label_ids: list) -> torch.Tensor:
     """Rows of `table` (vocab, ...) per class: a word's row, or the mean row of a word list.
 
-    Used on full-vocabulary logits (transposed) by the plain scorer (workers/reference.py): a class's logit is the mean of its words' logits, as `LabelHead`
+    Used on full-vocabulary logits (transposed) by the plain scorers (workers/reference.py,
+    workers/selfcheck.py): a class's logit is the mean of its words' logits, as `LabelHead`
     gives it. Its class cross-entropy equals averaging the words' log-probabilities (BBT-RGB's
     verbalisers), since the full-vocabulary normaliser is shared by every class.
     """

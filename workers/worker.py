@@ -35,6 +35,7 @@ from workers.batches import Batch, Prompter
 from workers.head import LabelHead
 from workers.projection import CalibrationStats, LayerShape, Projector, robust_std
 from workers.scoring import classification_metrics, example_losses
+from workers.selfcheck import self_check
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class EvalWorker:
                                    param=a.param,
                                    weight_norms=[tuple(float(torch.linalg.norm(w.double()))
                                                        for w in pair) for pair in self.pristine])
+        # the fast path against the model's own forward, before any search (ModelError if not)
+        self.self_check = self_check(self)
         release_free_memory()  # construction temporaries, before the first generation
 
     @torch.no_grad()
