@@ -28,7 +28,7 @@ def committed_evaluator(family: str, layers=(0, 2), scale=3.0):
     return ev
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.MORE)
 def test_peft_adapter_reproduces_the_workers_predictions(tmp_path, family):
     ev = committed_evaluator(family)
     ours, _ = ev.worker.predict("test")
