@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from workers import fastpath
+from workers.head import label_rows
 
 
 @torch.no_grad()
@@ -19,5 +20,5 @@ def label_logits(model, worker, split: str = "test") -> np.ndarray:
     for batch in worker.batches[split]:
         logits = model(**fastpath.model_inputs(batch, worker.kind)).logits
         gathered = fastpath.gather_positions(logits, batch.positions)
-        out.append(fastpath.label_rows(gathered.T, ids).T.float())
+        out.append(label_rows(gathered.T, ids).T.float())
     return torch.cat(out).numpy()

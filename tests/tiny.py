@@ -11,10 +11,17 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     BertConfig,
+    ElectraConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
     RobertaConfig,
+    XLMRobertaConfig,
 )
 
 from common.data import Example, Splits
@@ -23,7 +30,11 @@ from workers.models import LoadedModel, prepare
 WORDS = ("the a movie film was is it great bad good terrible fun dull plot actors story "
          "review sentiment positive negative boring brilliant . , : !").split()
 SPECIALS = ["[PAD]", "[UNK]", "[MASK]", "[BOS]", "[EOS]"]
-FAMILIES = ("llama", "gpt2", "roberta", "bert")
+# every worker test runs on these; MORE are families checked by the output-path tests only
+FAMILIES = ("llama", "gpt2", "roberta", "bert", "electra", "gemma2", "gemma3")
+MORE = ("qwen2", "qwen3", "mistral", "xlm-roberta")
+MASKED = ("roberta", "bert", "electra", "xlm-roberta")
+SOFTCAP = 0.5  # Gemma's final-logit soft-capping, small enough to matter on random logits
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -38,24 +49,46 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def model(family: str, layers: int = 3) -> LoadedModel:
     torch.manual_seed(0)
     tok = tokenizer()
-    vocab = len(tok)
-    common = dict(vocab_size=vocab, pad_token_id=0)
-    if family == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=64, **common)
-    elif family == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=64, **common)
-    elif family == "roberta":
-        cfg = RobertaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=70, **common)
-    else:
-        cfg = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64, **common)
-    kind = "causal" if family in ("llama", "gpt2") else "masked"
+    cfg = config(family, layers, len(tok))
+    kind = "masked" if family in MASKED else "causal"
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
     net = auto.from_config(cfg)
     return LoadedModel(prepare(net, torch.device("cpu")), tok, kind, torch.device("cpu"))
+
+
+def config(family: str, layers: int, vocab: int):
+    common = dict(vocab_size=vocab, pad_token_id=0)
+    encoder = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                   intermediate_size=64, **common)
+    # grouped-query attention: 4 query heads, 2 key/value heads
+    decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                   **common)
+    alternating = ["sliding_attention", "full_attention"] * layers
+    if family == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=64, **common)
+    if family in ("roberta", "xlm-roberta"):  # two positions reserved
+        cls = RobertaConfig if family == "roberta" else XLMRobertaConfig
+        return cls(max_position_embeddings=70, **encoder)
+    if family == "bert":
+        return BertConfig(max_position_embeddings=64, **encoder)
+    if family == "electra":  # the generator: a prediction head (dense, gelu, LayerNorm) first;
+        # embedding size = hidden size, so a head that skips it is wrong silently (issue 13), and
+        # a wider init than 0.02, at which layer 0 barely moves the loss
+        return ElectraConfig(embedding_size=32, max_position_embeddings=64, initializer_range=0.2,
+                             **encoder)
+    if family == "gemma2":
+        return Gemma2Config(head_dim=8, sliding_window=4, final_logit_softcapping=SOFTCAP,
+                            layer_types=alternating[:layers], **decoder)
+    if family == "gemma3":
+        return Gemma3TextConfig(head_dim=8, sliding_window=4, final_logit_softcapping=SOFTCAP,
+                                layer_types=alternating[:layers], **decoder)
+    if family in ("qwen2", "qwen3"):
+        cls = Qwen2Config if family == "qwen2" else Qwen3Config
+        return cls(layer_types=["full_attention"] * layers, **decoder)
+    if family == "mistral":
+        return MistralConfig(sliding_window=4, **decoder)
+    return LlamaConfig(**decoder)
 
 
 def splits(k: int = 4, n_test: int = 10) -> Splits:

@@ -105,6 +105,18 @@ def merge_delta(proj: Projection, pristine: torch.Tensor, a: torch.Tensor | None
         block.copy_((pristine.float() + (a.float() @ b.float()).T).to(block.dtype))
 
 
+def delta_hook(cols: slice, a: torch.Tensor, b: torch.Tensor):
+    """A forward hook that adds `x A B` to a real projection's output columns `cols`: one
+    candidate applied the plain way (workers/reference.py, workers/selfcheck.py)."""
+
+    def hook(_module, args, output):
+        output = output.clone()
+        output[..., cols] += (args[0] @ a) @ b
+        return output
+
+    return hook
+
+
 class StackedLowRank(nn.Module):
     """Wraps a projection so that each of C stacked candidates gets its own delta.
 

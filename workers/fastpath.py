@@ -9,15 +9,17 @@
   forward: it records every layer's arguments in a pass that runs no layer (`record_calls`), then
   runs the frozen layers below one at a time on every batch, each with parameters the caller
   reads afresh and drops after (workers/models.py `WeightFiles`), so at most one of those layers
-  is resident at a time.
+  is resident at a time. `layers_from` runs the model's own forward with those layers read the
+  same way.
 * `suffix_logits` starts C stacked copies of a batch at layer l (tensors whose first dim is the
-  batch are tiled candidate-major) and returns label-word logits at the scored positions only.
+  batch are tiled candidate-major) and returns label-word logits at the scored positions only,
+  through the model's own output path (workers/head.py).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -151,6 +153,42 @@ def frozen_prefix(arch: Architecture, states: list[BatchState], stop: int,
         del params
 
 
+@contextmanager
+def layers_from(arch: Architecture, stop: int,
+                layer_params: Callable[[int], dict[str, torch.Tensor]]) -> Iterator[None]:
+    """While open, layers [0, stop) run on `layer_params(i)` instead of their own parameters,
+    read as layer i starts and dropped as it ends: the model's own full forward with at most one
+    of those layers resident (the self-check's, workers/selfcheck.py)."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+
+    def restore(*_ignored) -> None:
+        while swapped:
+            module, leaf, own = swapped.pop()
+            module._parameters[leaf] = own
+
+    def swap_in(index):
+        def hook(layer, _args):
+            restore()
+            for name, tensor in layer_params(index).items():
+                owner, _, leaf = name.rpartition(".")
+                module = layer.get_submodule(owner)
+                swapped.append((module, leaf, module._parameters[leaf]))
+                module._parameters[leaf] = tensor
+
+        return hook
+
+    handles = []
+    for i in range(stop):
+        handles.append(arch.layers[i].register_forward_pre_hook(swap_in(i)))
+        handles.append(arch.layers[i].register_forward_hook(restore))
+    try:
+        yield
+    finally:
+        restore()
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def module_input(arch: Architecture, state: BatchState, layer: int,
                  module: nn.Module) -> torch.Tensor:
@@ -214,48 +252,6 @@ def _tile(obj, n: int, rows: int, memo: dict):
 def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """hidden (N, T, H) -> (N, H) at one position per row."""
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-
-
-def label_head(model: nn.Module, label_ids: list[int]) -> nn.Module:
-    """The model's output head restricted to the label words' rows (logits only where needed).
-
-    For causal LMs that is a small Linear with the label rows of `lm_head`. For masked LMs the head
-    has a transform before its decoder (RoBERTa `lm_head`, BERT `cls`): we return a shallow copy
-    whose decoder is swapped for the small Linear, sharing every other parameter.
-    """
-    out = model.get_output_embeddings()
-    small = nn.Linear(out.in_features, len(label_ids), bias=out.bias is not None,
-                      device=out.weight.device, dtype=out.weight.dtype)
-    small.weight = nn.Parameter(label_rows(out.weight.detach(), label_ids), requires_grad=False)
-    if out.bias is not None:
-        small.bias = nn.Parameter(label_rows(out.bias.detach(), label_ids), requires_grad=False)
-    path = next(name for name, mod in model.named_modules() if mod is out).split(".")
-    if len(path) == 1:
-        return small
-    top = copy.copy(getattr(model, path[0]))
-    node = top
-    for part in path[1:-1]:
-        node._modules = dict(node._modules)
-        node._modules[part] = copy.copy(node._modules[part])
-        node = node._modules[part]
-    node._modules = dict(node._modules)
-    node._modules[path[-1]] = small
-    return top
-
-
-def label_rows(table: torch.Tensor, label_ids: list) -> torch.Tensor:
-    """Rows of `table` (vocab, ...) per class: a word's row, or the mean row of a word list.
-
-    The decoder is linear, so a mean row gives the mean of the words' logits, which is also the
-    mean of their full-vocabulary log-probabilities up to a constant shared by every class: the
-    class cross-entropy is the same as averaging log-probabilities (BBT-RGB's verbalisers).
-    """
-    rows = []
-    for entry in label_ids:
-        ids = torch.tensor([entry] if isinstance(entry, int) else list(entry),
-                           device=table.device)
-        rows.append(table[ids].double().mean(0).to(table.dtype) if len(ids) > 1 else table[ids[0]])
-    return torch.stack(rows).clone()
 
 
 def suffix_logits(arch: Architecture, head: nn.Module, state: BatchState, layer: int,

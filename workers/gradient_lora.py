@@ -57,6 +57,7 @@ from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import Architecture, inspect
 from workers.batches import Batch, Prompter
+from workers.head import LabelHead
 from workers.memory import peak_memory_mb
 from workers.scoring import example_losses
 from workers.worker import combine_scores, load_splits, model_max_length
@@ -171,7 +172,7 @@ class LoraRun:
             for name, examples in (("train", splits.train), ("dev", splits.dev),
                                    ("test", splits.test))
         }
-        self.head = fastpath.label_head(self.model, self.prompter.label_ids)
+        self.head = LabelHead(self.model, self.prompter.label_ids)
         self.peft: PeftModel | None = None
 
     # -- scoring: EvalWorker.logits / score, on whatever adapter is installed ------------------

@@ -11,18 +11,11 @@ import numpy as np
 import torch
 
 from workers import fastpath
+from workers.adapters import delta_hook
 from workers.batches import Batch
+from workers.head import label_rows
 from workers.scoring import example_losses
 from workers.worker import EvalWorker
-
-
-def _hook(cols: slice, a: torch.Tensor, b: torch.Tensor):
-    def hook(_module, args, output):
-        output = output.clone()
-        output[..., cols] += (args[0] @ a) @ b
-        return output
-
-    return hook
 
 
 @torch.no_grad()
@@ -49,14 +42,14 @@ def reference_losses(worker: EvalWorker, layer: int, population,
                 dtype = worker.pristine[i][0].dtype
                 a_q, b_q, a_k, b_k = (f[0].to(dtype) for f in factors)
                 q, k = worker.arch.sites[i]
-                handles.append(q.module.register_forward_hook(_hook(q.cols, a_q, b_q)))
-                handles.append(k.module.register_forward_hook(_hook(k.cols, a_k, b_k)))
+                handles.append(q.module.register_forward_hook(delta_hook(q.cols, a_q, b_q)))
+                handles.append(k.module.register_forward_hook(delta_hook(k.cols, a_k, b_k)))
             try:
                 losses, count = 0.0, 0
                 for batch in batches:
                     inputs = fastpath.model_inputs(batch, worker.kind)
                     logits = worker.model(**inputs).logits  # full vocabulary, every position
-                    scored = fastpath.label_rows(
+                    scored = label_rows(
                         fastpath.gather_positions(logits, batch.positions).T, label_ids).T
                     per = example_losses(scored, batch.labels, worker.cfg.eval.loss,
                                          worker.cfg.eval.hinge_margin)

@@ -32,8 +32,10 @@ from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import inspect, installed, merge_delta
 from workers.batches import Batch, Prompter
+from workers.head import LabelHead
 from workers.projection import CalibrationStats, LayerShape, Projector, robust_std
 from workers.scoring import classification_metrics, example_losses
+from workers.selfcheck import self_check
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class EvalWorker:
             for name, examples in self.examples.items()
         }
         self.arch = inspect(self.model)
-        self.head = fastpath.label_head(self.model, self.prompter.label_ids)
+        self.head = LabelHead(self.model, self.prompter.label_ids)
         order = [i for i in cfg.schedule.layers or () if 0 <= i < self.n_layers]
         self.searched = frozenset(order or range(self.n_layers))  # layers that take vectors
         self.first = min(self.searched)  # no layer below it ever changes
@@ -127,6 +129,8 @@ class EvalWorker:
                                    param=a.param,
                                    weight_norms=[tuple(float(torch.linalg.norm(w.double()))
                                                        for w in pair) for pair in self.pristine])
+        # the fast path against the model's own forward, before any search (ModelError if not)
+        self.self_check = self_check(self)
         release_free_memory()  # construction temporaries, before the first generation
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ CAUSAL_TEMPLATE = "{text} it was"
 
 
 def config(family: str = "gpt2", **sections) -> RunConfig:
-    masked = family in ("roberta", "bert")
+    masked = family in tiny.MASKED
     cfg = {"task": {"template": MASKED_TEMPLATE if masked else CAUSAL_TEMPLATE,
                     "label_words": ["bad", "great"], "k": 4},
            "eval": {"batch_size": 4, "max_stack_tokens": 200}}

@@ -15,16 +15,12 @@ from orchestrator.evaluation.local import merge_adapter as merge
 from orchestrator.runfolder import RunFolder
 
 CFG = {"task": {"k": 4}, "adapter": {"dim": 16}}
-TEMPLATES = {"llama": ("{text} it was", ["bad", "great"]),
-             "gpt2": ("{text} it was", ["bad", "great"]),
-             "roberta": ("{text} it was {mask} .", ["bad", "great"]),
-             "bert": ("{text} it was {mask} .", ["bad", "great"])}
 
 
 def committed_evaluator(family: str, layers=(0, 2), scale=3.0):
-    template, words = TEMPLATES[family]
+    template = "{text} it was {mask} ." if family in tiny.MASKED else "{text} it was"
     cfg = RunConfig.from_dict({**CFG, "task": {"k": 4, "template": template,
-                                               "label_words": words}})
+                                               "label_words": ["bad", "great"]}})
     ev = LocalEvaluator(cfg, loaded=tiny.model(family), splits=tiny.splits())
     rng = np.random.default_rng(1)
     for layer in layers:
@@ -32,7 +28,7 @@ def committed_evaluator(family: str, layers=(0, 2), scale=3.0):
     return ev
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.MORE)
 def test_peft_adapter_reproduces_the_workers_predictions(tmp_path, family):
     ev = committed_evaluator(family)
     ours, _ = ev.worker.predict("test")

@@ -16,7 +16,7 @@ LISTS = [["bad", "terrible", "dull"], ["great", "good", "brilliant"]]
 
 
 def make_worker(family, task=None, adapter=None):
-    cfg = {"task": {"template": "{text} it was {mask} ." if family in ("roberta", "bert")
+    cfg = {"task": {"template": "{text} it was {mask} ." if family in tiny.MASKED
                     else "{text} it was", "label_words": ["bad", "great"], "k": 4, **(task or {})},
            "adapter": adapter or {},
            "eval": {"batch_size": 3, "train_batch_size": 3, "max_stack_tokens": 100}}

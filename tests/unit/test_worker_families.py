@@ -12,7 +12,7 @@ from workers.worker import EvalWorker
 
 
 def config(family, **overrides):
-    cfg = {"task": {"template": "{text} it was {mask} ." if family in ("roberta", "bert")
+    cfg = {"task": {"template": "{text} it was {mask} ." if family in tiny.MASKED
                     else "{text} it was", "label_words": ["bad", "great"], "k": 4},
            "eval": {"batch_size": 3, "train_batch_size": 3, "max_stack_tokens": 100}}
     for key, value in overrides.items():
@@ -26,8 +26,13 @@ def make_worker(family, **overrides):
 
 
 @pytest.fixture(scope="module", params=tiny.FAMILIES)
-def worker(request):
-    return make_worker(request.param)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def worker(family):
+    return make_worker(family)
 
 
 def population(n, dim=500, seed=0, scale=1.0):
@@ -82,11 +87,8 @@ def test_stacking_does_not_change_losses(worker):
     np.testing.assert_allclose(stacked, one_by_one, rtol=1e-5)
 
 
-def test_same_seed_and_stats_give_bit_identical_maps(worker):
-    family = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2",
-              "RobertaForMaskedLM": "roberta", "BertForMaskedLM": "bert"}
-    other = EvalWorker(worker.cfg, stats=worker.calibration_stats(),
-                       loaded=tiny.model(family[type(worker.model).__name__]),
+def test_same_seed_and_stats_give_bit_identical_maps(worker, family):
+    other = EvalWorker(worker.cfg, stats=worker.calibration_stats(), loaded=tiny.model(family),
                        splits=tiny.splits())
     for layer in range(worker.n_layers):
         for a, b in zip(worker.projector.maps(layer), other.projector.maps(layer), strict=True):
