@@ -1,7 +1,8 @@
 """Dispatch efficiency of the Ray evaluator, with simulated scoring at a fixed cost per candidate.
 
     python bench/dispatch.py [--cost 0.02] [--generations 3] [--actors 1,2,4,8,16]
-                             [--populations 20,256] [--chunk-size N]
+                             [--populations 20,256] [--chunk-size N] [--straggler 3]
+                             [--backup both|on|off]
 
 The real `RayEvaluator` (orchestrator/evaluation/ray_eval.py) drives actors whose `evaluate`
 sleeps `cost * len(Z)` seconds and returns the squared norm of each row as its loss, so the time
@@ -9,12 +10,19 @@ of a generation is the scoring time plus everything the evaluator adds: chunking
 round trips and the wait loop. Sleeping actors use no CPU, so 16 of them fit on 2 cores; they are
 created with num_cpus=0 so Ray schedules them all.
 
-For each (actors, population): one warm-up generation, then the median of `--generations` timed
-ones, against two references:
-  ideal_s      ceil(population / actors) * cost: the perfect split, no overhead;
-  chunk_ideal_s the best the evaluator's fixed chunks allow: chunks handed in order to the first
-               idle actor, no overhead. ideal_s / chunk_ideal_s is lost to chunk granularity,
-               chunk_ideal_s / measured_s to dispatch overhead.
+Each actor count runs with backup chunks off and on (`--backup`), and, with two actors or more,
+with one straggler too: the first actor (the one that takes the first chunk) scores
+`--straggler` times slower. For each setting and population: one warm-up generation, then the
+median of `--generations` timed ones (back to back, as in a run: a straggler still finishing a
+losing backup copy starts the next generation busy), against these references:
+  ideal_s       ceil(population / actors) * cost: the perfect split on full-speed actors, no
+                overhead (with a straggler too: what the cluster would do without one);
+  capacity_s    population * cost / (the actors' summed speed): the perfect split over the
+                actors as they are (a straggler counts 1 / --straggler);
+  chunk_ideal_s the evaluator's fixed chunks handed in order to the first idle actor, without
+                backups and without overhead. ideal_s / chunk_ideal_s is lost to chunk
+                granularity (and the straggler), chunk_ideal_s / measured_s to dispatch overhead
+                when backups are off.
 efficiency = ideal_s / measured_s. Every generation checks that each candidate got its own loss.
 
 The last line of stdout is JSON.
@@ -48,7 +56,7 @@ class SimActor:
 
     def __init__(self, cfg: dict, stats: dict | None = None, threads: int | None = None,
                  cost: float = 0.02, dim: int = 8, n_layers: int = 4) -> None:
-        self.cost, self.dim, self.n_layers = cost, dim, n_layers
+        self.cost, self.dim, self.n_layers, self.factor = cost, dim, n_layers, 1.0
         self.stats = stats if stats is not None else {"simulated": True}
         self.committed: dict[int, np.ndarray] = {}
 
@@ -58,8 +66,12 @@ class SimActor:
     def commit(self, layer: int, z: np.ndarray) -> None:
         self.committed[layer] = np.asarray(z)
 
+    def slow(self, factor: float) -> None:
+        """Score `factor` times slower from now on (1: full speed)."""
+        self.factor = factor
+
     def evaluate(self, layer: int, start: int, Z: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-        time.sleep(self.cost * len(Z))
+        time.sleep(self.cost * self.factor * len(Z))
         return start, expected_losses(Z), np.zeros(len(Z))
 
     def pid(self) -> int:
@@ -78,13 +90,14 @@ def expected_losses(Z: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", Z, Z)
 
 
-def chunk_makespan(sizes: list[int], actors: int, cost: float) -> float:
-    """Generation time with no overhead: chunks in index order, each to the first idle actor."""
-    free = [0.0] * actors
+def chunk_makespan(sizes: list[int], actors: int, cost: float, straggler: float = 1.0) -> float:
+    """Generation time with no overhead and no backups: chunks in index order, each to the first
+    idle actor (the lowest-numbered of those idle at once); actor 0 is `straggler` times slower."""
+    free = [(0.0, i) for i in range(actors)]
     for size in sizes:
-        began = heapq.heappop(free)
-        heapq.heappush(free, began + cost * size)
-    return max(free)
+        began, i = heapq.heappop(free)
+        heapq.heappush(free, (began + cost * size * (straggler if i == 0 else 1.0), i))
+    return max(t for t, _ in free)
 
 
 def time_generations(ev: RayEvaluator, population: int, generations: int, rng) -> list[float]:
@@ -103,48 +116,72 @@ def time_generations(ev: RayEvaluator, population: int, generations: int, rng) -
     return times
 
 
+def settings(actors: int, straggler: float, backup: str) -> list[tuple[bool, bool]]:
+    """(straggler, backup) pairs to measure: a straggler needs two actors or more."""
+    stragglers = [False, True] if straggler > 1 and actors > 1 else [False]
+    backups = {"off": [False], "on": [True], "both": [False, True]}[backup]
+    return [(s, b) for s in stragglers for b in backups]
+
+
 def measure(actors: int, populations: list[int], cost: float, generations: int,
-            chunk_size: int | None = None, seed: int = 0) -> list[dict]:
-    """One evaluator with `actors` simulated actors; one result row per population."""
+            chunk_size: int | None = None, seed: int = 0, straggler: float = 3.0,
+            backup: str = "both") -> list[dict]:
+    """One evaluator with `actors` simulated actors; one row per setting and population."""
     ev = RayEvaluator(RunConfig.from_dict({"seed": seed}), num_actors=actors, cpus_per_actor=0,
                       chunk_size=chunk_size, actor_cls=SimActor, actor_args={"cost": cost})
     rng = np.random.default_rng([seed, actors])
     rows = []
     try:
-        for n in populations:
-            sizes = [stop - start for start, stop in chunks(n, ev.chunk_size, ev.num_actors)]
-            measured = statistics.median(time_generations(ev, n, generations, rng))
-            ideal = math.ceil(n / actors) * cost
-            rows.append({"actors": actors, "population": n, "chunk_size": max(sizes),
-                         "chunks": len(sizes),
-                         "ideal_s": round(ideal, 4),
-                         "chunk_ideal_s": round(chunk_makespan(sizes, actors, cost), 4),
-                         "measured_s": round(measured, 4),
-                         "efficiency": round(ideal / measured, 3)})
+        for slow, backed in settings(actors, straggler, backup):
+            ev.pool.settle()  # no copy of the previous setting still at work
+            factor = straggler if slow else 1.0
+            ray.get(ev.actors[0].slow.remote(factor))
+            ev.backup_chunks = backed
+            for n in populations:
+                sizes = [stop - start for start, stop in chunks(n, ev.chunk_size, ev.num_actors)]
+                measured = statistics.median(time_generations(ev, n, generations, rng))
+                ideal = math.ceil(n / actors) * cost
+                rows.append({"actors": actors, "population": n, "straggler": slow,
+                             "backup": backed, "chunk_size": max(sizes), "chunks": len(sizes),
+                             "ideal_s": round(ideal, 4),
+                             "capacity_s": round(n * cost / (actors - 1 + 1 / factor), 4),
+                             "chunk_ideal_s": round(chunk_makespan(sizes, actors, cost, factor),
+                                                    4),
+                             "measured_s": round(measured, 4),
+                             "efficiency": round(ideal / measured, 3)})
     finally:
         ev.close()
     return rows
 
 
+def key(row: dict) -> str:
+    """A row's name in the summary: actors x population, then -straggler, -backup."""
+    return (f"{row['actors']}x{row['population']}" + ("-straggler" if row["straggler"] else "")
+            + ("-backup" if row["backup"] else ""))
+
+
 def run_bench(actor_counts: list[int], populations: list[int], cost: float, generations: int,
-              chunk_size: int | None = None) -> dict:
+              chunk_size: int | None = None, straggler: float = 3.0,
+              backup: str = "both") -> dict:
     rows = [row for a in actor_counts
-            for row in measure(a, populations, cost, generations, chunk_size)]
+            for row in measure(a, populations, cost, generations, chunk_size,
+                               straggler=straggler, backup=backup)]
     return {"cost_s": cost, "generations": generations, "chunk_size_option": chunk_size,
-            "results": rows,
-            "efficiency": {f"{r['actors']}x{r['population']}": r["efficiency"] for r in rows}}
+            "straggler_factor": straggler, "results": rows,
+            "efficiency": {key(r): r["efficiency"] for r in rows}}
 
 
 def table(result: dict) -> str:
-    head = (f"{'actors':>6} {'pop':>5} {'chunk':>5} {'ideal_s':>8} {'chunk_ideal':>11} "
-            f"{'measured_s':>10} {'efficiency':>10} {'overhead':>8}")
-    lines = [f"cost {result['cost_s'] * 1000:g} ms/candidate, median of "
-             f"{result['generations']} generations after a warm-up", head]
+    head = (f"{'actors':>6} {'pop':>5} {'strag':>5} {'backup':>6} {'chunk':>5} {'ideal_s':>8} "
+            f"{'capacity':>8} {'chunk_ideal':>11} {'measured_s':>10} {'efficiency':>10}")
+    lines = [f"cost {result['cost_s'] * 1000:g} ms/candidate, straggler "
+             f"{result['straggler_factor']:g}x slower, median of {result['generations']} "
+             f"generations after a warm-up", head]
     for r in result["results"]:
-        lines.append(f"{r['actors']:>6} {r['population']:>5} {r['chunk_size']:>5} "
-                     f"{r['ideal_s']:>8.3f} {r['chunk_ideal_s']:>11.3f} {r['measured_s']:>10.3f} "
-                     f"{r['efficiency']:>10.3f} "
-                     f"{r['measured_s'] - r['chunk_ideal_s']:>+8.3f}")
+        lines.append(f"{r['actors']:>6} {r['population']:>5} {'yes' if r['straggler'] else '-':>5} "
+                     f"{'on' if r['backup'] else 'off':>6} {r['chunk_size']:>5} "
+                     f"{r['ideal_s']:>8.3f} {r['capacity_s']:>8.3f} {r['chunk_ideal_s']:>11.3f} "
+                     f"{r['measured_s']:>10.3f} {r['efficiency']:>10.3f}")
     return "\n".join(lines)
 
 
@@ -165,12 +202,16 @@ def main() -> None:
                         help="comma-separated population sizes")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="candidates per chunk (default: the evaluator's own choice)")
+    parser.add_argument("--straggler", type=float, default=3.0,
+                        help="how many times slower the straggler scores (1: no straggler rows)")
+    parser.add_argument("--backup", choices=("both", "on", "off"), default="both",
+                        help="measure with backup chunks on, off, or both")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     args = parser.parse_args()
     init_ray(None, args.num_cpus)
     try:
         result = run_bench(args.actors, args.populations, args.cost, args.generations,
-                           args.chunk_size)
+                           args.chunk_size, args.straggler, args.backup)
     finally:
         ray.shutdown()
     print(table(result))

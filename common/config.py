@@ -137,6 +137,9 @@ class ClusterConfig:
     chunk_size: int | None = None  # candidates per dispatched chunk; null: population/(2 actors)
     deadline_s: float | None = None  # an actor silent this long is replaced; null: no deadline
     address: str | None = None  # an existing cluster; null: RAY_ADDRESS or a local one
+    # idle actors run copies of the longest-outstanding chunks; the first answer wins (the same
+    # bits either way: docs/design.md §6)
+    backup_chunks: bool = True
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@
                  [--out DIR]
     dfolora export RUN_DIR --format peft|merged --out DIR
     dfolora compare RUN_DIR [RUN_DIR ...] [--json]
+    dfolora sweep [--preset NAME ...] [--config FILE ...] [--seeds S ...] [--set KEY=VALUE ...]
+                  [--vary KEY=VALUE ...] --root DIR [--jobs N] [--threads T]
     dfolora presets
 
 A user mistake (a bad key, a missing file, a non-empty output folder) is an `error:` line (a
@@ -23,7 +25,7 @@ import sys
 import warnings
 
 from common.errors import DfoloraError
-from orchestrator import commands
+from orchestrator import commands, sweep
 
 EXAMPLES = """examples:
   dfolora run --preset demo
@@ -31,6 +33,25 @@ EXAMPLES = """examples:
   dfolora run --resume --out runs/s                 # continue an interrupted run
   dfolora run --preset roberta-large-sst2 --set cluster.num_actors=4 --set cluster.gpus_per_actor=1
   dfolora export runs/s --format peft --out adapters/s
+  dfolora sweep --preset demo --seeds 13 42 100 --vary schedule.optimizers=[cma] \\
+      --vary schedule.optimizers=[fwa] --root runs/grid --jobs 2
+"""
+
+SWEEP_EXAMPLES = """examples:
+  # 2 presets x 3 seeds = 6 runs, two at a time, one torch thread each
+  dfolora sweep --preset demo --preset smoke --seeds 13 42 100 --root runs/grid --jobs 2
+  # one config x 2 seeds x 2 optimisers x 2 budgets = 8 runs; every run gets task.k=8
+  dfolora sweep --config my.yaml --seeds 1 2 --set task.k=8 \\
+      --vary schedule.optimizers=[cma] --vary "schedule.optimizers=[cma, fwa]" \\
+      --vary budget=400 --vary budget=800 --root runs/grid
+  # on a Ray cluster: each run's actors on the cluster, 4 runs at once
+  ray job submit --working-dir . -- python -m orchestrator.cli sweep \\
+      --preset roberta-large-sst2 --seeds 13 42 --set cluster.num_actors=4 \\
+      --set cluster.gpus_per_actor=1 --root /shared/sweeps/sst2 --jobs 4
+
+The same command again resumes: finished runs are skipped, interrupted ones continue from their
+checkpoints. Run folders are ROOT/<preset or config name>-seed<S>[-<key>=<value>...], the
+console output of each run ROOT/logs/<name>.log.
 """
 
 
@@ -110,6 +131,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=commands.compare)
+
+    p = sub.add_parser("sweep", help="a grid of runs (sources x seeds x --vary values)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SWEEP_EXAMPLES,
+                       description="Run every combination of the given presets and config "
+                       "files, seeds and --vary values as `dfolora run` processes, --jobs at "
+                       "once, each in its own folder under --root; end with the compare table.")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help="a named config (repeatable: one grid row each)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="a YAML config (repeatable; with --preset too)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[], metavar="S",
+                   help="run seeds (default: each config's own seed)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every run (repeatable)")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=VALUE",
+                   help="one value of a grid axis: repeat a key for each of its values; "
+                        "several keys make the product")
+    p.add_argument("--root", required=True, metavar="DIR", help="where the run folders go")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OMP_NUM_THREADS of each run (default 1)")
+    p.add_argument("--json", action="store_true", help="end with JSON instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no line per run on stderr")
+    p.set_defaults(handler=sweep.sweep)
 
     p = sub.add_parser("presets", help="list the named configs", formatter_class=fmt)
     p.set_defaults(handler=commands.list_presets)

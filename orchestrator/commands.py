@@ -182,8 +182,14 @@ def export(args) -> int:
 
 
 def compare(args) -> int:
+    print_compare(compare_rows(args.run_dirs), as_json=args.json)
+    return 0
+
+
+def compare_rows(run_dirs: list[str]) -> list[dict]:
+    """One row per finished run folder (`dfolora compare`, `dfolora sweep`)."""
     rows = []
-    for path in args.run_dirs:
+    for path in run_dirs:
         r = RunFolder(path).read_results()
         metric = r.get("metric", "accuracy")
         final = r.get("final") or {}
@@ -194,9 +200,13 @@ def compare(args) -> int:
                      "zero_shot_test": r["zero_shot"]["test"][metric],
                      "evaluations": r.get("evaluations"), "wall_seconds": r.get("wall_seconds"),
                      "peak_memory_mb": r.get("peak_memory_mb")})
-    if args.json:
+    return rows
+
+
+def print_compare(rows: list[dict], as_json: bool = False) -> None:
+    if as_json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return
     head = (f"{'run':<28} {'method':<18} {'seed':>4} {'train':>6} {'dev':>6} {'test':>6} "
             f"{'0-shot':>6} {'evals':>6} {'wall s':>7} {'peak MB':>8}")
     print(head)
@@ -205,7 +215,6 @@ def compare(args) -> int:
               f"{_fmt(row['train'])} {_fmt(row['dev'])} {_fmt(row['test'])} "
               f"{_fmt(row['zero_shot_test'])} {row['evaluations'] or 0:>6} "
               f"{row['wall_seconds'] or 0:>7.0f} {row['peak_memory_mb'] or 0:>8.0f}")
-    return 0
 
 
 def _fmt(value) -> str:

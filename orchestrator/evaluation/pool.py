@@ -8,7 +8,10 @@ within `start_timeout` (no resources) or whose constructor raises is killed and 
 the reason in `start_failures`. A lost actor (dead, hung, unreachable) is retired and a
 replacement launched. Calls on every live actor (`broadcast`, `on_live_actors`) are repeated
 after replacing the actors lost meanwhile; a Python exception raised by an actor's code becomes
-one clear `DfoloraError`. How a population is cut and gathered is dispatch.py's.
+one clear `DfoloraError`. An actor still scoring a backup copy nobody needs any more is
+*draining* (docs/design.md §6): it takes new chunks only once that call has ended, and commits
+are queued behind it rather than waited for. How a population is cut and gathered is
+dispatch.py's.
 
 Ray is imported inside the functions: the driver imports no Ray until a run asks for actors,
 and a local cluster needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before Ray is first imported.
@@ -96,6 +99,8 @@ class ActorPool:
         self.actors: list = []  # live, in the order they joined
         self.starting: dict[Any, tuple[Any, list, float]] = {}  # info ref -> (actor, commits, t)
         self.committed: dict[int, np.ndarray] = {}
+        self.draining: dict[Any, tuple[Any, float]] = {}  # actor -> (its last call, since)
+        self.rates: dict[Any, float] = {}  # actor -> its last chunk's seconds per candidate
         self.stats: dict | None = None  # calibration statistics every replacement receives
         self.replacements = 0  # replacement actors that started
         self.start_failures: list[str] = []  # why each actor that could not start failed
@@ -163,6 +168,8 @@ class ActorPool:
         """Retire a dead, hung or unreachable actor and launch its replacement."""
         if actor in self.actors:
             self.actors.remove(actor)
+        self.draining.pop(actor, None)
+        self.rates.pop(actor, None)
         self.ray.kill(actor, no_restart=True)
         self.launch(self.stats)
 
@@ -179,18 +186,65 @@ class ActorPool:
                 self.lose(actor)
         self.await_starts()
 
+    # -- draining actors: busy with a call whose answer is not needed -------------------------
+
+    def free(self) -> list:
+        """The live actors that are not draining."""
+        return [a for a in self.actors if a not in self.draining]
+
+    def drain(self, actor, ref, began: float) -> None:
+        """`actor` is busy with `ref` (since `began`), whose answer nobody needs."""
+        self.draining[actor] = (ref, began)
+
+    def draining_refs(self) -> list:
+        return [ref for ref, _ in self.draining.values()]
+
+    def drained(self, ref) -> list:
+        """The draining actor whose call `ref` has ended: [actor], free again. A Python
+        exception there changes nothing (the actor is alive, its answer unused); an actor that
+        died is replaced: []."""
+        actor = next(a for a, (r, _) in self.draining.items() if r == ref)
+        self.draining.pop(actor)
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayError as err:
+            if not raised_by_code(err, self.ray):
+                self.lose(actor)
+                return []
+        return [actor]
+
+    def settle(self) -> None:
+        """Wait until no actor is draining."""
+        for ref in self.draining_refs():
+            self.drained(ref)
+
+    def expire_draining(self, deadline: float) -> None:
+        """Replace the actors draining for longer than `deadline` seconds (hung)."""
+        for actor, (_, began) in list(self.draining.items()):
+            if time.monotonic() - began > deadline:
+                self.lose(actor)
+
     # -- calls on every live actor --------------------------------------------------------------
 
     def commit(self, layer: int, z: np.ndarray) -> None:
-        """Install z as layer's vector on every actor, the starting ones too (after their
-        replay: in order). A vector an actor rejects is not committed (as EvalWorker.commit)."""
+        """Install z as layer's vector on every actor, the starting and draining ones too
+        (after their replay or their current call: in order; only the free ones are waited
+        for). A vector the actors reject is not committed (as EvalWorker.commit)."""
         z = np.array(z, dtype=np.float64)
         previous = self.committed.get(layer)
         self.committed[layer] = z
         for actor, commits, _ in self.starting.values():
             commits.append(actor.commit.remote(layer, z))
+        if self.actors and not self.free():
+            self.settle()  # someone must answer, so that a rejected vector is noticed
+        for actor, (_, began) in list(self.draining.items()):  # queued behind its call
+            self.draining[actor] = (actor.commit.remote(layer, z), began)
+
+        def call() -> list:
+            return self.ray.get([a.commit.remote(layer, z) for a in self.free()])
+
         try:
-            self.broadcast("commit", layer, z)
+            self.on_live_actors(call, "commit")
         except DfoloraError:
             if previous is None:
                 self.committed.pop(layer)
@@ -223,7 +277,7 @@ class ActorPool:
     def close(self) -> None:
         for actor in self.actors + [actor for actor, _, _ in self.starting.values()]:
             self.ray.kill(actor)
-        self.actors, self.starting = [], {}
+        self.actors, self.starting, self.draining, self.rates = [], {}, {}, {}
 
 
 def raised_by_code(err: Exception, ray: Any) -> bool:

@@ -28,7 +28,8 @@ __all__ = ["RayEvaluator", "auto_actors", "init_ray"]
 class RayEvaluator(Evaluator):
     """`num_actors` actors (-1: one per GPU of the cluster, else one per CPU pair), each asking
     for `cpus_per_actor`/`gpus_per_actor`; populations cut into `chunk_size` chunks (None:
-    2 x actors near-equal ones); an actor silent `deadline_s` on a chunk is replaced.
+    2 x actors near-equal ones); an actor silent `deadline_s` on a chunk is replaced;
+    `backup_chunks`: idle actors run copies of outstanding chunks (dispatch.py).
     `actor_cls`: a Ray actor class with EvalActor's remote methods (default EvalActor,
     workers/actor.py); the dispatch benchmark passes one that simulates scoring
     (bench/dispatch.py), tests ones that misbehave. `actor_args` go to its constructor."""
@@ -37,7 +38,8 @@ class RayEvaluator(Evaluator):
                  cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                  chunk_size: int | None = None, deadline_s: float | None = None,
                  start_timeout_s: float = START_TIMEOUT_S, address: str | None = None,
-                 actor_args: dict | None = None, actor_cls: Any = None) -> None:
+                 backup_chunks: bool = True, actor_args: dict | None = None,
+                 actor_cls: Any = None) -> None:
         if num_actors < 0:  # auto: one actor per GPU, else one per pair of CPUs
             init_ray(address, None)
             import ray
@@ -48,6 +50,7 @@ class RayEvaluator(Evaluator):
             init_ray(address, None if address else max(1, math.ceil(num_actors * cpus_per_actor)))
         self.cfg, self.deadline = cfg, deadline_s
         self.chunk_size, self.num_actors = chunk_size, num_actors
+        self.backup_chunks, self.backups = backup_chunks, 0  # copies started, all generations
         self._actor_cls = actor_cls
         self._args = {"threads": max(1, int(cpus_per_actor)), **(actor_args or {})}
         self.pool = ActorPool(self._spawn, start_timeout=start_timeout_s,
@@ -116,7 +119,12 @@ class RayEvaluator(Evaluator):
     def evaluate(self, layer: int, Z: np.ndarray, ids: Sequence[CandidateId]) -> Evaluation:
         if len(ids) != len(Z):
             raise DfoloraError(f"{len(ids)} candidate ids for a population of {len(Z)}")
-        return Generation(self.pool, layer, Z, self._chunks(len(Z)), self.deadline).run()
+        generation = Generation(self.pool, layer, Z, self._chunks(len(Z)), self.deadline,
+                                self.backup_chunks)
+        try:
+            return generation.run()
+        finally:
+            self.backups += generation.backups
 
     def commit(self, layer: int, z: np.ndarray) -> None:
         self.pool.commit(layer, z)
@@ -144,8 +152,15 @@ class RayEvaluator(Evaluator):
         return self._on_first("adapter", "adapter export")
 
     def peak_memory_mb(self) -> float | None:
-        """The largest peak over the live actors (one model replica each)."""
-        peaks = self.pool.broadcast("peak_memory_mb")
+        """The largest peak over the live actors (one model replica each) that are not
+        draining: asked after every step, it must not wait for a losing backup copy. The
+        driver keeps the maximum over steps, and the final scores wait for every actor."""
+        pool = self.pool
+
+        def call() -> list:
+            return pool.ray.get([a.peak_memory_mb.remote() for a in pool.free()])
+
+        peaks = pool.on_live_actors(call, "peak_memory_mb")
         return max(peaks) if peaks else None
 
     def close(self) -> None:

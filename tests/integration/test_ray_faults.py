@@ -143,6 +143,8 @@ def make_faulty(folder, stats, **kw):
     from orchestrator.evaluation.ray_eval import RayEvaluator
 
     fault_args = {k: kw.pop(k) for k in ("faults", "every") if k in kw}
+    # call numbers count chunks: backup copies would add calls (test_backup_chunks.py)
+    kw.setdefault("backup_chunks", False)
     return RayEvaluator(CFG, stats=stats, num_actors=2, actor_cls=FaultyActor,
                         actor_args={"loaded": tiny.model("gpt2"), "splits": tiny.splits(),
                                     "folder": str(folder), **fault_args}, **kw)

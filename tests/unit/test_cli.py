@@ -130,7 +130,8 @@ def test_a_refused_run_keeps_the_folders_it_did_not_create(tmp_path, capsys):
 
 
 def test_help_everywhere():
-    for command in ([], ["run"], ["zero-shot"], ["lora"], ["export"], ["compare"], ["presets"]):
+    for command in ([], ["run"], ["zero-shot"], ["lora"], ["export"], ["compare"], ["presets"],
+                    ["sweep"]):
         code, out, _ = run_cli(*command, "--help")
         assert code == 0 and "usage: dfolora" in out
     code, out, _ = run_cli("presets")

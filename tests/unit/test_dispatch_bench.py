@@ -36,6 +36,9 @@ def test_chunk_makespan_counts_rounds_of_chunks(bench):
     assert bench.chunk_makespan([5] * 4, 4, 1.0) == 5.0
     assert bench.chunk_makespan([2, 2, 2, 1], 2, 1.0) == 4.0  # the last chunk is short
     assert bench.chunk_makespan([3] * 4 + [2] * 4, 4, 1.0) == 5.0  # the default split of 20
+    # actor 0 three times slower: its first chunk (3) ends at 9; the others share the rest
+    assert bench.chunk_makespan([3] * 4 + [2] * 4, 4, 1.0, straggler=3.0) == 9.0
+    assert bench.chunk_makespan([1] * 8, 2, 1.0, straggler=3.0) == 6.0
 
 
 def test_every_candidate_gets_its_own_loss(bench, cluster):
@@ -53,14 +56,23 @@ def test_every_candidate_gets_its_own_loss(bench, cluster):
 
 
 def test_bench_reports_every_setting(bench, cluster):
-    result = json.loads(json.dumps(bench.run_bench([2], [8], cost=0.001, generations=1)))
-    (row,) = result["results"]
-    assert row["actors"] == 2 and row["population"] == 8 and row["chunk_size"] == 2
-    assert row["ideal_s"] == pytest.approx(0.004)
-    assert row["measured_s"] > 0 and row["efficiency"] == pytest.approx(
-        row["ideal_s"] / row["measured_s"], rel=0.01)
-    assert result["efficiency"] == {"2x8": row["efficiency"]}
-    assert len(bench.table(result).splitlines()) == 3  # title, header, one row
+    result = json.loads(json.dumps(bench.run_bench([2], [8], cost=0.001, generations=1,
+                                                   straggler=3.0)))
+    rows = result["results"]
+    assert [(r["straggler"], r["backup"]) for r in rows] == [
+        (False, False), (False, True), (True, False), (True, True)]
+    for row in rows:
+        assert row["actors"] == 2 and row["population"] == 8 and row["chunk_size"] == 2
+        assert row["ideal_s"] == pytest.approx(0.004)
+        assert row["measured_s"] > 0 and row["efficiency"] == pytest.approx(
+            row["ideal_s"] / row["measured_s"], rel=0.01)
+    assert rows[2]["capacity_s"] == pytest.approx(0.008 / (1 + 1 / 3), abs=1e-4)
+    assert rows[2]["chunk_ideal_s"] == pytest.approx(0.006)  # chunk 0 takes 3 x 2 ms
+    assert list(result["efficiency"]) == ["2x8", "2x8-backup", "2x8-straggler",
+                                          "2x8-straggler-backup"]
+    assert len(bench.table(result).splitlines()) == 6  # title, header, four rows
+    one = bench.run_bench([1], [8], cost=0.001, generations=1, backup="on")["results"]
+    assert [(r["straggler"], r["backup"]) for r in one] == [(False, True)]
 
 
 def test_default_chunks_are_near_equal_index_ranges():
