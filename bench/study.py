@@ -40,6 +40,8 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "alpha2": ["run", "--set", "adapter.alpha=2"],
     "alpha05": ["run", "--set", "adapter.alpha=0.5"],
     "cma": ["run", "--set", "schedule.optimizers=[cma]"],
+    "mean": ["run", "--set", "schedule.accept=mean"],
+    "cma-mean": ["run", "--set", "schedule.optimizers=[cma]", "--set", "schedule.accept=mean"],
     "noclamp": ["run", "--set", "adapter.ratio_bounds=null"],
     "ratio1": ["run", "--set", "adapter.ratio_bounds=[1.0,1.0]"],
     "ratio04": ["run", "--set", "adapter.ratio_bounds=[0.4,0.4]"],

@@ -24,7 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapter.init": ("qk-input", "paper", "paper-a-only", "random"),
     "eval.loss": ("ce", "hinge"),
     "schedule.alternate": ("round", "layer"),
-    "schedule.accept": ("elitist", "xbest"),
+    "schedule.accept": ("elitist", "xbest", "mean"),
     "schedule.select": ("metric", "loss"),
     "schedule.recenter": ("switch", "visit"),
     "adapter.param": ("ab", "b", "a"),
@@ -112,7 +112,10 @@ class ScheduleConfig:
 
     optimizers: tuple[str, ...] | None = None  # methods to alternate; null: [optimizer.name]
     alternate: str = "round"  # round: method = round % n; layer: method = layer index % n
-    accept: str = "elitist"  # elitist: only improvements of loss*; xbest: the authors' rule
+    # elitist: only improvements of loss*; xbest: the authors' rule; mean: each generation also
+    # scores the optimiser's centre (CMA-ES's mean), and only the centre is installed, when it
+    # improves loss* (docs/design.md §5)
+    accept: str = "elitist"
     layers: tuple[int, ...] | None = None  # visiting order (and subset); null: 0..L-1
     rounds: int | None = None  # null: until the budget is spent
     generations_per_visit: int = 1  # generations of a layer's optimiser per visit

@@ -160,9 +160,10 @@ def _check_limits(cfg: RunConfig, stored: RunConfig, s: ScheduleState) -> None:
         raise ConfigError(f"the search has already stopped ({s.stop_reason}): a new budget or "
                           f"schedule.rounds cannot reopen it; start a new run")
     # mid-round, the next generation starts without a budget check (it follows each one)
-    if s.phase == "search" and s.evaluations + cfg.optimizer.popsize > cfg.budget:
+    needs = cfg.optimizer.popsize + (cfg.schedule.accept == "mean")  # Schedule.per_generation
+    if s.phase == "search" and s.evaluations + needs > cfg.budget:
         raise ConfigError(f"budget {cfg.budget}: the run has spent {s.evaluations} evaluations "
-                          f"and its next generation needs {cfg.optimizer.popsize} more")
+                          f"and its next generation needs {needs} more")
     rounds = cfg.schedule.rounds
     if rounds is not None and s.round >= rounds and s.phase in ("search", "dev"):
         raise ConfigError(f"schedule.rounds {rounds}: the run is already in round "
@@ -250,13 +251,21 @@ class _Run:
             return
         began = time.perf_counter()
         result = check_evaluation(self.ev.evaluate(gen.layer, gen.Z, gen.ids), len(gen.Z))
-        record, commit = self.schedule.tell(gen, result)
+        centre_id = (CandidateId(gen.round, gen.layer, gen.generation, 0),)  # its own call
+
+        def score_centre(z: np.ndarray) -> float:  # accept: mean (docs/design.md §5)
+            scored = self.ev.evaluate(gen.layer, z[None, :], centre_id)
+            return float(check_evaluation(scored, 1).losses[0])
+
+        before = self.schedule.state.evaluations
+        record, commit = self.schedule.tell(gen, result, score_centre)
         if commit is not None:
             self.ev.commit(gen.layer, commit)
         seconds = time.perf_counter() - began
-        record.update(seconds=seconds, candidates_per_s=len(gen.Z) / seconds,
+        scored = self.schedule.state.evaluations - before
+        record.update(seconds=seconds, candidates_per_s=scored / seconds,
                       actors=self.ev.parallelism,
-                      candidates_per_s_per_actor=len(gen.Z) / seconds / self.ev.parallelism,
+                      candidates_per_s_per_actor=scored / seconds / self.ev.parallelism,
                       wall_seconds=self._wall())
         self._emit(record, "metrics")
 

@@ -14,14 +14,19 @@ checkpoint, so a resumed run replays the identical trajectory. Phases, driven by
 Accept rules: `elitist` installs the generation's best only if it beats loss*; since it was
 measured with every other layer at its current vector, loss* stays exact and never increases.
 `xbest` installs the optimiser's best-ever vector (the released code's rule), even though its
-loss was measured in an older context. The budget counts candidate evaluations; a generation
-that would exceed it is never started. The one reference evaluation of loss* at the start is not
-a candidate and is not counted.
+loss was measured in an older context. `mean` tells the optimiser, then scores its new centre
+(CMA-ES's mean: the recombination of the generation's better half, which averages out what a
+single lucky sample fits by chance) through the `score_centre` callback the driver passes to
+`tell()`, and installs the centre only if it beats loss*; it costs one evaluation per
+generation (none when the centre is the committed vector). The budget counts candidate
+evaluations; a generation that would exceed it is never started. The one reference evaluation of
+loss* at the start is not a candidate and is not counted.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -144,8 +149,13 @@ class Schedule:
         per_layer = len(self.methods) if self.cfg.schedule.alternate == "round" else 1
         return len(self.order) * per_layer
 
+    @property
+    def per_generation(self) -> int:
+        """Evaluations a generation may use: the population, plus its centre under `mean`."""
+        return self.cfg.optimizer.popsize + (self.cfg.schedule.accept == "mean")
+
     def _budget_fits(self) -> bool:
-        return self.state.evaluations + self.cfg.optimizer.popsize <= self.cfg.budget
+        return self.state.evaluations + self.per_generation <= self.cfg.budget
 
     # -- phases -----------------------------------------------------------------------------
     def start(self, loss_star: float, dev: dict) -> dict:
@@ -179,9 +189,12 @@ class Schedule:
         ids = tuple(CandidateId(s.round, layer, s.generation, i) for i in range(len(Z)))
         return Generation(s.round, layer, method, s.generation, Z, ids)
 
-    def tell(self, gen: Generation, result: Evaluation) -> tuple[dict, np.ndarray | None]:
+    def tell(self, gen: Generation, result: Evaluation,
+             score_centre: Callable[[np.ndarray], float] | None = None,
+             ) -> tuple[dict, np.ndarray | None]:
         """Tell the optimiser, apply the accept rule; returns (metrics record, vector to commit
-        for gen.layer or None)."""
+        for gen.layer or None). `score_centre(z)`: z's training loss in the current context,
+        needed by `accept: mean` only."""
         s = self._expect("search")
         if gen.generation != s.generation:
             raise RuntimeError(f"tell() for generation {gen.generation}, expected {s.generation}")
@@ -190,11 +203,17 @@ class Schedule:
         if l2:  # the objective: training loss + l2 * mean(z^2), a pull toward the zero delta
             result = replace(result, losses=result.losses + l2 * np.mean(gen.Z ** 2, axis=1))
         opt.tell(gen.Z, result.losses)
-        commit = self._accept(gen, result.losses, opt)
         s.evaluations += len(gen.Z)
+        centre_loss = None
+        if self.cfg.schedule.accept == "mean":
+            commit, centre_loss = self._accept_centre(gen, opt, score_centre)
+        else:
+            commit = self._accept(gen, result.losses, opt)
         s.generation += 1
         s.round_generations += 1
         record = self._record(gen, result, opt, accepted=commit is not None)
+        if self.cfg.schedule.accept == "mean":
+            record["centre_loss"] = _json_float(centre_loss) if centre_loss is not None else None
         s.visit_generation += 1
         if s.visit_generation >= self.cfg.schedule.generations_per_visit:
             s.visit_generation, s.position = 0, s.position + 1
@@ -276,6 +295,24 @@ class Schedule:
             x, f = best.x, best.f
         s.vectors[gen.layer], s.loss_star = np.array(x, dtype=np.float64), f
         return s.vectors[gen.layer].copy()
+
+    def _accept_centre(self, gen: Generation, opt: Optimizer,
+                       score_centre: Callable[[np.ndarray], float] | None,
+                       ) -> tuple[np.ndarray | None, float | None]:
+        """`mean`: score the optimiser's centre after its tell, install it if it beats loss*."""
+        if score_centre is None:
+            raise RuntimeError("schedule.accept = mean needs tell(..., score_centre=...)")
+        s, x = self.state, opt.centre
+        if np.array_equal(x, s.vectors[gen.layer]):  # already installed: its loss is loss*
+            return None, None
+        f = float(score_centre(x))
+        s.evaluations += 1
+        if self.cfg.schedule.l2:
+            f += self.cfg.schedule.l2 * float(np.mean(x ** 2))
+        if not f < s.loss_star:  # NaN included
+            return None, f
+        s.vectors[gen.layer], s.loss_star = x, f
+        return x.copy(), f
 
     def _record(self, gen: Generation, result: Evaluation, opt: Optimizer,
                 accepted: bool) -> dict:

@@ -219,6 +219,12 @@ class Optimizer:
         return Best(x, self._best_f)
 
     @property
+    def centre(self) -> np.ndarray:
+        """The search centre (CMA-ES's mean, FWA's core firework); the best-so-far vector for an
+        optimiser that has no centre of its own. A copy."""
+        return np.array(self._centre(), dtype=np.float64)
+
+    @property
     def step_size(self) -> float:
         """Current search scale (CMA sigma, FWA amplitude) for metrics; NaN when unknown."""
         return float(self._step_size())
@@ -325,6 +331,9 @@ class Optimizer:
 
     def _recenter(self, x: np.ndarray) -> None:
         raise NotImplementedError(f"{self.name} cannot be re-centred")
+
+    def _centre(self) -> np.ndarray:
+        return self._best_x
 
     def _step_size(self) -> float:
         return math.nan

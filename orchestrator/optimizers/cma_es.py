@@ -106,6 +106,10 @@ class CMAES(Optimizer):
         with self._global:
             es.mean = es.gp.geno(x.copy(), from_bounds=es.boundary_handler.inverse, copy=False)
 
+    def _centre(self) -> np.ndarray:
+        es = self._es  # the mean lives in genotype space (see _recenter)
+        return es.gp.pheno(es.mean, into_bounds=es.boundary_handler.repair)
+
     def _step_size(self) -> float:
         return float(self._es.sigma)
 

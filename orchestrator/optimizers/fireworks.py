@@ -183,6 +183,9 @@ class DynamicFireworks(Optimizer):
         x_new[0] = x
         self._fw = FireworksState(x_new, np.full(self.n_fireworks, math.inf), fw.amp[order])
 
+    def _centre(self) -> np.ndarray:
+        return self._fw.x[self._core()]
+
     def _step_size(self) -> float:
         return float(self._fw.amp[self._core()])
 

@@ -338,3 +338,19 @@ def test_fwa_dyn_recenter_keeps_the_core_amplitude():
     opt.recenter(np.ones(4))
     assert opt.step_size == step
     assert np.array_equal(opt.ask()[0], np.ones(4))
+
+
+def test_centre_is_cmas_mean_fwas_core_and_the_best_otherwise():
+    f = np.array([3.0, 1.0, 2.0, 5.0])
+    for method, centre in (("cma", lambda o: np.asarray(o._es.mean)),
+                           ("fwa", lambda o: o._fw.x[o._core()])):
+        opt = make_optimizer(method, 6, x0=np.full(6, 0.5), seed=1, popsize=4)
+        assert np.array_equal(opt.centre, np.full(6, 0.5))
+        X = opt.ask()
+        opt.tell(X, f)
+        assert np.array_equal(opt.centre, centre(opt))
+        assert not np.array_equal(opt.centre, np.full(6, 0.5))
+    opt = make_optimizer("nevergrad:OnePlusOne", 6, seed=1, popsize=4)
+    X = opt.ask()
+    opt.tell(X, f)
+    assert np.array_equal(opt.centre, X[1])  # no centre of its own: the best so far

@@ -238,3 +238,48 @@ def test_l2_pull_adds_to_the_objective_and_shrinks_the_vectors(tmp_path):
     assert norm < sum(float(np.sum(v ** 2)) for v in plain.vectors.values())
     with pytest.raises(Exception, match="schedule.l2 must be >= 0"):
         config(l2=-1.0)
+
+
+def test_mean_installs_only_the_optimisers_centre_and_counts_its_evaluation():
+    ev = LayeredQuadratic()
+    schedule = Schedule(config(budget=200, accept="mean", optimizers=["cma"]), 4, ev.dim)
+    z0 = np.zeros((1, ev.dim))
+    schedule.start(ev.evaluate(0, z0, [CandidateId(0, 0, -1, 0)]).losses[0], ev.score("dev"))
+    centres, installed, records, loss_star = [], 0, [], schedule.state.loss_star
+    while schedule.state.phase != "final":
+        if schedule.state.phase == "dev":
+            schedule.record_dev(ev.score("dev"))
+            continue
+        gen = schedule.ask()
+        before = schedule.state.evaluations
+
+        def score(z, gen=gen):
+            centres.append(z.copy())
+            return float(ev.evaluate(gen.layer, z[None], [CandidateId(0, gen.layer, 0, 0)])
+                         .losses[0])
+
+        record, commit = schedule.tell(gen, ev.evaluate(gen.layer, gen.Z, gen.ids), score)
+        assert schedule.state.evaluations - before == POPSIZE + (record["centre_loss"] is not None)
+        assert schedule.state.loss_star <= loss_star  # elitist on the centre
+        loss_star = schedule.state.loss_star
+        if commit is not None:
+            installed += 1
+            assert np.array_equal(commit, centres[-1])  # the centre, never a sample
+            assert not any(np.array_equal(commit, z) for z in gen.Z)
+            assert record["loss_star"] == record["centre_loss"]
+            ev.commit(gen.layer, commit)
+        records.append(record)
+    assert installed >= 3 and schedule.state.evaluations <= 200
+    assert schedule.state.loss_star < records[0]["loss_star"] + 1e-12
+
+
+def test_mean_through_the_driver_resumes_identically(tmp_path):
+    cfg = config(budget=120, accept="mean")
+    whole = run(cfg, tmp_path / "whole", evaluator=LayeredQuadratic())
+    assert all("centre_loss" in r for r in whole.metrics)
+    assert whole.evaluations <= 120
+    run(cfg, tmp_path / "cut", evaluator=LayeredQuadratic(), stop_after=3)
+    resumed = run(None, tmp_path / "cut", evaluator=LayeredQuadratic(), resume=True)
+    assert [(r["losses"], r["centre_loss"]) for r in resumed.metrics] == [
+        (r["losses"], r["centre_loss"]) for r in whole.metrics]
+    assert all(np.array_equal(resumed.vectors[k], v) for k, v in whole.vectors.items())
