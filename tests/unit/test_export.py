@@ -58,8 +58,7 @@ def test_zero_vectors_export_a_no_op_adapter(tmp_path):
     np.testing.assert_allclose(label_logits(peft, ev.worker), plain, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "roberta", "distilbert", "opt", "phi3", "gpt_neox",
-                                    "falcon"])
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.MORE)
 def test_merged_export_matches(tmp_path, family, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
