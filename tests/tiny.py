@@ -11,12 +11,17 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     BertConfig,
+    DistilBertConfig,
     ElectraConfig,
+    FalconConfig,
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -31,9 +36,11 @@ WORDS = ("the a movie film was is it great bad good terrible fun dull plot actor
          "review sentiment positive negative boring brilliant . , : !").split()
 SPECIALS = ["[PAD]", "[UNK]", "[MASK]", "[BOS]", "[EOS]"]
 # every worker test runs on these; MORE are families checked by the output-path tests only
-FAMILIES = ("llama", "gpt2", "roberta", "bert", "electra", "gemma2", "gemma3")
+FAMILIES = ("llama", "gpt2", "roberta", "bert", "electra", "gemma2", "gemma3", "distilbert",
+            "opt", "phi3", "gpt_neox", "falcon")
 MORE = ("qwen2", "qwen3", "mistral", "xlm-roberta")
-MASKED = ("roberta", "bert", "electra", "xlm-roberta")
+MASKED = ("roberta", "bert", "electra", "xlm-roberta", "distilbert")
+FUSED = ("gpt2", "phi3", "gpt_neox", "falcon")  # q, k and v in one module: adapter rank 2r
 SOFTCAP = 0.5  # Gemma's final-logit soft-capping, small enough to matter on random logits
 
 
@@ -86,6 +93,22 @@ def config(family: str, layers: int, vocab: int):
     if family in ("qwen2", "qwen3"):
         cls = Qwen2Config if family == "qwen2" else Qwen3Config
         return cls(layer_types=["full_attention"] * layers, **decoder)
+    if family == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=layers, n_heads=4, hidden_dim=64,
+                                max_position_embeddings=64, **common)
+    if family == "opt":  # word embeddings narrower than the layers: project_in / project_out
+        return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=64,
+                         word_embed_proj_dim=16, **common)
+    if family == "phi3":  # fused qkv_proj, grouped-query
+        return Phi3Config(bos_token_id=3, eos_token_id=4, **decoder)
+    if family == "gpt_neox":  # fused query_key_value, q/k/v interleaved per head
+        return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                             num_attention_heads=4, max_position_embeddings=64, **common)
+    if family == "falcon":  # the new decoder architecture: q/k/v interleaved per key group
+        return FalconConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                            num_kv_heads=2, new_decoder_architecture=True,
+                            max_position_embeddings=64, **common)
     if family == "mistral":
         return MistralConfig(sliding_window=4, **decoder)
     return LlamaConfig(**decoder)

@@ -2,10 +2,11 @@
 
 Our delta on a projection is `x A B` with A (in, r), B (r, out) and no scaling (adapters.py);
 PEFT's LoRA adds `(x lora_A^T) lora_B^T * lora_alpha / r` (Hu et al. 2021; PEFT `LoraLayer`).
-So `lora_A = A^T`, `lora_B = B^T` and `lora_alpha = r`, exactly. GPT-2's fused `c_attn` holds q,
-k and v in one module: its adapter has rank 2r, lora_A stacking A_q^T over A_k^T and lora_B
-block-diagonal (B_q^T into the q columns, B_k^T into the k columns, zeros for v), which is the
-same delta, exactly, in a form PEFT loads.
+So `lora_A = A^T`, `lora_B = B^T` and `lora_alpha = r`, exactly. A fused projection (GPT-2's
+`c_attn`, Phi-3's `qkv_proj`, GPT-NeoX's and Falcon's `query_key_value`) holds q, k and v in one
+module, and PEFT's LoRA covers the whole of it: its adapter has rank 2r, lora_A stacking A_q^T
+over A_k^T and lora_B holding B_q^T on q's output features, B_k^T on k's and zeros on v's (and
+on the other block's), which is the same delta, exactly, in a form PEFT loads.
 
 Only numpy leaves this module: the driver writes the files (safetensors + JSON, never pickle,
 orchestrator/runfolder.py) without importing torch, whichever process scored the candidates.
@@ -25,13 +26,13 @@ def peft_adapter(worker) -> tuple[dict[str, np.ndarray], dict]:
     tensors: dict[str, np.ndarray] = {}
     targets: list[str] = []
     r = worker.cfg.adapter.rank
-    fused = False
+    fused = transposed = False
     for layer in sorted(worker.committed):
         z = torch.from_numpy(worker.committed[layer][None])
         a_q, b_q, a_k, b_k = (f[0].double().cpu() for f in worker.projector.factors(layer, z))
         q, k = worker.arch.sites[layer]
-        if q.attr == k.attr:  # fused c_attn
-            fused = True
+        if q.attr == k.attr:  # fused q/k/v
+            fused, transposed = True, q.transposed
             parts = {_name(names, q): _fused_factors(q, k, (a_q, b_q), (a_k, b_k))}
         else:
             parts = {_name(names, q): (a_q.T, b_q.T), _name(names, k): (a_k.T, b_k.T)}
@@ -43,7 +44,7 @@ def peft_adapter(worker) -> tuple[dict[str, np.ndarray], dict]:
     config = {
         "peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": rank,
         "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": fused, "init_lora_weights": True, "inference_mode": True,
+        "fan_in_fan_out": transposed, "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": worker.cfg.model.name, "modules_to_save": None,
         "revision": None, "use_rslora": False, "use_dora": False,
     }
@@ -55,13 +56,17 @@ def _name(names: dict[int, str], proj: Projection) -> str:
 
 
 def _fused_factors(q: Projection, k: Projection, fq, fk) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-2r factors for a fused (in, 3H) Conv1D whose q and k are column blocks."""
+    """Rank-2r factors for a fused q/k/v module: zero B rows everywhere but q's and k's."""
     (a_q, b_q), (a_k, b_k) = fq, fk
     r = a_q.shape[1]
-    width = q.module.weight.shape[1]
+    width = q.module.weight.shape[1 if q.transposed else 0]
     lora_a = torch.cat([a_q.T, a_k.T])  # (2r, in)
     lora_b = torch.zeros(width, 2 * r, dtype=lora_a.dtype)
-    lora_b[q.cols, :r] = b_q.T
-    lora_b[k.cols, r:] = b_k.T
+    lora_b[_cpu(q.cols), :r] = b_q.T
+    lora_b[_cpu(k.cols), r:] = b_k.T
     return lora_a, lora_b
 
+
+
+def _cpu(cols):
+    return cols.cpu() if isinstance(cols, torch.Tensor) else cols

@@ -304,8 +304,8 @@ def _lr_summary(lr: float, best_epoch: int, history: list[dict], metric: str) ->
 
 
 def lora_config(cfg: RunConfig, arch: Architecture, model: torch.nn.Module) -> LoraConfig:
-    """PEFT LoRA on the q and k projections adapters.py finds (q_proj/k_proj, query/key, or
-    GPT-2's fused c_attn), rank r, alpha = r (scaling 1), no dropout."""
+    """PEFT LoRA on the q and k projections adapters.py finds (separate, or a fused q/k/v module
+    whose v rows `_restrict_fused` keeps at zero), rank r, alpha = r (scaling 1), no dropout."""
     names = sorted({proj.attr for pair in arch.sites for proj in pair})
     layers = None
     if cfg.schedule.layers is not None:
@@ -323,11 +323,13 @@ def lora_config(cfg: RunConfig, arch: Architecture, model: torch.nn.Module) -> L
 
 
 def _fused_rows(arch: Architecture) -> dict[int, torch.Tensor]:
-    """For each fused q/k module (GPT-2's c_attn), by id: which output columns are q or k."""
+    """For each fused q/k/v module, by id: which output features are q or k."""
     keep: dict[int, torch.Tensor] = {}
     for q, k in arch.sites:
         if q.module is k.module:
-            rows = torch.zeros(q.module.weight.shape[1 if q.transposed else 0], dtype=torch.bool)
+            weight = q.module.weight
+            rows = torch.zeros(weight.shape[1 if q.transposed else 0], dtype=torch.bool,
+                               device=weight.device)
             rows[q.cols] = True
             rows[k.cols] = True
             keep[id(q.module)] = rows
@@ -335,7 +337,7 @@ def _fused_rows(arch: Architecture) -> dict[int, torch.Tensor]:
 
 
 def _restrict_fused(peft: PeftModel, keep: dict[int, torch.Tensor]) -> int:
-    """Zero the gradient of B's rows outside q and k in fused modules (c_attn's v block);
+    """Zero the gradient of B's rows outside q and k in fused modules (v's features);
     returns how many LoRA entries that freezes (at zero)."""
     frozen = 0
     for module in peft.modules():

