@@ -42,6 +42,8 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "cma": ["run", "--set", "schedule.optimizers=[cma]"],
     "mean": ["run", "--set", "schedule.accept=mean"],
     "cma-mean": ["run", "--set", "schedule.optimizers=[cma]", "--set", "schedule.accept=mean"],
+    "cma-mean-1200": ["run", "--set", "schedule.optimizers=[cma]", "--set", "schedule.accept=mean",
+                      "--set", "budget=1200"],
     "noclamp": ["run", "--set", "adapter.ratio_bounds=null"],
     "ratio1": ["run", "--set", "adapter.ratio_bounds=[1.0,1.0]"],
     "ratio04": ["run", "--set", "adapter.ratio_bounds=[0.4,0.4]"],
