@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task.label_token": ("single", "first"),
     "adapter.init": ("qk-input", "paper", "paper-a-only", "random"),
     "eval.loss": ("ce", "hinge"),
+    "eval.rescore_commits": ("auto", "on", "off"),
     "schedule.alternate": ("round", "layer"),
     "schedule.accept": ("elitist", "xbest", "mean"),
     "schedule.select": ("metric", "loss"),
@@ -90,6 +91,9 @@ class EvalConfig:
     # waste almost no padding, and candidates are stacked to fill the pass instead
     train_batch_size: int = 4
     max_stack_tokens: int = 16384  # candidates x tokens per stacked forward pass (memory budget)
+    # loss* := the committed model's own training loss, scored after each commit (auto: on in
+    # bf16/fp16, where stacked and merged arithmetic round apart; docs/design.md §9)
+    rescore_commits: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,7 @@ class EvalWorker:
                          for i, pair in enumerate(self.arch.sites)]
         self.committed: dict[int, np.ndarray] = {}
         self._stack_cap = 1 << 30  # lowered when a stacked pass runs out of memory
+        self.rescore = rescores_commits(cfg.eval.rescore_commits, self.model.dtype)
         files = models.WeightFiles.of(loaded) if own and self.first > 0 else None
         self._files = files  # .fallbacks: frozen tensors served from the model (not released)
         # frozen prefix: train's and dev's batch states holding the hidden state entering layer
@@ -219,6 +220,38 @@ class EvalWorker:
             self._merge(layer)
         return EvalResult((loss_sum / total).numpy(), (correct / total).numpy())
 
+    @property
+    def stack_cap(self) -> int | None:
+        """Candidates per pass after out-of-memory halvings; None: never halved."""
+        return None if self._stack_cap == 1 << 30 else self._stack_cap
+
+    def limit_stack(self, cap: int) -> None:
+        """Score with at most `cap` candidates per pass: a halving recorded in the checkpoint,
+        re-applied on resume and on every actor (docs/design.md §8)."""
+        if not isinstance(cap, (int, np.integer)) or isinstance(cap, bool) or cap < 1:
+            raise DfoloraError(f"stack cap must be an integer >= 1, got {cap!r}")
+        self._stack_cap = int(cap)
+
+    @torch.no_grad()
+    def committed_loss(self, layer: int) -> EvalResult:
+        """Training loss and accuracy (one row) of the committed model, every layer merged:
+        the layers from `layer` up run once per training batch (no stacking, no unmerged
+        delta), as `predict` runs them, and the losses add up as in `evaluate`. `layer` only
+        says where the cached hidden states are current; the result does not depend on it
+        (docs/design.md §9, eval.rescore_commits)."""
+        self._check(layer, np.zeros(self.dim), ndim=1)
+        self._prefix(layer)
+        loss_sum = correct = 0.0
+        total = 0
+        for state in self.states:
+            logits = self.prefix_logits(state, layer)
+            losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
+                                    self.cfg.eval.hinge_margin)
+            loss_sum += float(losses.sum(-1).double().cpu())
+            correct += float((logits.argmax(-1) == state.batch.labels).sum().double().cpu())
+            total += state.batch.labels.shape[0]
+        return EvalResult(np.array([loss_sum / total]), np.array([correct / total]))
+
     def _stack_size(self, state: fastpath.BatchState) -> int:
         by_budget = max(1, self.cfg.eval.max_stack_tokens // state.batch.tokens)
         return min(by_budget, self._stack_cap)
@@ -239,11 +272,12 @@ class EvalWorker:
         return self.head(fastpath.gather_positions(hidden, batch.positions))
 
     @torch.no_grad()
-    def prefix_logits(self, state: fastpath.BatchState) -> torch.Tensor:
-        """`logits(state.batch)` from the stored hidden state entering layer `first`: the same
-        layers, final norm (on every position, as the base model applies it) and label head."""
-        hidden = fastpath.run_layers(self.arch, state, self.first, self.n_layers,
-                                     state.hidden[self.first])
+    def prefix_logits(self, state: fastpath.BatchState, start: int | None = None) -> torch.Tensor:
+        """`logits(state.batch)` from the stored hidden state entering layer `start` (default
+        `first`): the same layers, final norm (on every position, as the base model applies
+        it) and label head."""
+        start = self.first if start is None else start
+        hidden = fastpath.run_layers(self.arch, state, start, self.n_layers, state.hidden[start])
         hidden = self.arch.final_norm(hidden)
         return self.head(fastpath.gather_positions(hidden, state.batch.positions))
 
@@ -349,6 +383,14 @@ class EvalWorker:
             raise DfoloraError(f"vector for layer {layer} has non-finite entries")
         # arrays from Ray arrive read-only; torch.from_numpy wants a writable buffer
         return np.ascontiguousarray(z) if z.flags.writeable else z.copy()
+
+
+def rescores_commits(setting: str, dtype: torch.dtype) -> bool:
+    """eval.rescore_commits: `auto` is on for half-precision weights only, so fp32 runs keep
+    their trajectories (docs/design.md §9)."""
+    if setting == "auto":
+        return dtype in (torch.bfloat16, torch.float16)
+    return setting == "on"
 
 
 def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig) -> dict:

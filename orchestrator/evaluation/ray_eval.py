@@ -55,15 +55,20 @@ class RayEvaluator(Evaluator):
         self._args = {"threads": max(1, int(cpus_per_actor)), **(actor_args or {})}
         self.pool = ActorPool(self._spawn, start_timeout=start_timeout_s,
                               resources={"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor})
+        self._cap: int | None = None  # stack cap every actor, replacements too, scores with
         info = self.pool.start(num_actors, stats)
         self._n_layers, self._dim = info["n_layers"], info["dim"]
+        self._rescore = bool(info.get("rescore", False))
 
     def _spawn(self, stats: dict | None):
         cls = self._actor_cls
         if cls is None:
             from workers.actor import EvalActor as cls  # torch is imported only when needed
 
-        return cls.options(**self.pool.resources).remote(self.cfg.to_dict(), stats, **self._args)
+        actor = cls.options(**self.pool.resources).remote(self.cfg.to_dict(), stats, **self._args)
+        if self._cap is not None:  # runs after the constructor, before the replayed commits
+            actor.limit_stack.remote(self._cap)
+        return actor
 
     # -- the pool's state, as tests and benchmarks read it -------------------------------------
 
@@ -147,6 +152,31 @@ class RayEvaluator(Evaluator):
 
     def delta_norms(self) -> list[dict]:
         return self._on_first("delta_norms", "delta_norms")
+
+    @property
+    def rescores_commits(self) -> bool:
+        return self._rescore
+
+    def committed_loss(self, layer: int) -> float:
+        """On one actor: every actor holds the same merged weights, so any gives these bits."""
+        pool = self.pool
+        return pool.on_live_actors(
+            lambda: pool.ray.get(pool.actors[0].committed_loss.remote(layer)), "committed_loss")
+
+    def stack_cap(self) -> int | None:
+        """The smallest stack cap among the free actors (None: none has halved)."""
+        pool = self.pool
+        caps = pool.on_live_actors(
+            lambda: pool.ray.get([a.stack_cap.remote() for a in pool.free()]), "stack_cap")
+        caps = [c for c in caps if c is not None]
+        return min(caps) if caps else None
+
+    def limit_stack(self, cap: int) -> None:
+        """Every actor, the starting ones and future replacements too, scores with `cap`."""
+        self._cap = int(cap)
+        for actor, calls, _ in self.pool.starting.values():
+            calls.append(actor.limit_stack.remote(self._cap))  # awaited when it joins
+        self.pool.broadcast("limit_stack", self._cap)
 
     def adapter(self) -> tuple[dict, dict]:
         return self._on_first("adapter", "adapter export")
