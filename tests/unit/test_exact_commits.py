@@ -192,3 +192,16 @@ def test_an_out_of_memory_halving_is_checkpointed_and_reapplied_on_resume(tmp_pa
     assert ev.stack_cap() == 2
     assert untimed(resumed.metrics) == untimed(full.metrics)
     assert resumed.final == full.final
+
+
+def test_the_actor_shell_reports_and_applies_both():
+    """What RayEvaluator calls (workers/actor.py), without starting Ray."""
+    from workers.actor import ActorShell
+
+    shell = ActorShell(RunConfig.from_dict(TINY).to_dict(), loaded=loaded(),
+                       splits=tiny.splits())
+    assert shell.info()["rescore"] and shell.stack_cap() is None
+    shell.limit_stack(3)
+    assert shell.stack_cap() == 3 == shell.worker._stack_cap
+    shell.commit(1, np.ones(16))
+    assert shell.committed_loss(1) == full_forward_loss(shell.worker)
