@@ -2,7 +2,7 @@
 
     python bench/dispatch.py [--cost 0.02] [--generations 3] [--actors 1,2,4,8,16]
                              [--populations 20,256] [--chunk-size N] [--straggler 3]
-                             [--backup both|on|off] [--example-shards auto,1] [--batches 8]
+                             [--backup both|on|off] [--example-shards 1,auto] [--batches 8]
 
 The real `RayEvaluator` (orchestrator/evaluation/ray_eval.py) drives actors whose `evaluate`
 sleeps `cost * len(Z)` seconds and returns the squared norm of each row as its loss, so the time
@@ -158,7 +158,7 @@ def piece_sizes(ev: RayEvaluator, n: int, batches: int) -> list[float]:
 
 def measure(actors: int, populations: list[int], cost: float, generations: int,
             chunk_size: int | None = None, seed: int = 0, straggler: float = 3.0,
-            backup: str = "both", example_shards: tuple = ("auto",),
+            backup: str = "both", example_shards: tuple = (1,),
             batches: int = 8) -> list[dict]:
     """One evaluator with `actors` simulated actors; one row per setting and population (a
     shard setting that gives a population the shard count of an earlier one is skipped)."""
@@ -213,7 +213,7 @@ def key(row: dict) -> str:
 
 def run_bench(actor_counts: list[int], populations: list[int], cost: float, generations: int,
               chunk_size: int | None = None, straggler: float = 3.0,
-              backup: str = "both", example_shards: tuple = ("auto",),
+              backup: str = "both", example_shards: tuple = (1,),
               batches: int = 8) -> dict:
     rows = [r for a in actor_counts
             for r in measure(a, populations, cost, generations, chunk_size,
@@ -266,7 +266,7 @@ def main() -> None:
                         help="how many times slower the straggler scores (1: no straggler rows)")
     parser.add_argument("--backup", choices=("both", "on", "off"), default="both",
                         help="measure with backup chunks on, off, or both")
-    parser.add_argument("--example-shards", type=shard_settings, default=["auto"],
+    parser.add_argument("--example-shards", type=shard_settings, default=[1],
                         help="comma-separated cluster.example_shards settings (auto or N)")
     parser.add_argument("--batches", type=int, default=8,
                         help="training batches of a simulated actor (16-shot binary, batch 4)")

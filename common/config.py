@@ -140,10 +140,10 @@ class ClusterConfig:
     # idle actors run copies of the longest-outstanding chunks; the first answer wins (the same
     # bits either way: docs/design.md §6)
     backup_chunks: bool = True
-    # when actors outnumber chunks, each chunk's training batches split over this many actors,
-    # per-batch losses combined in batch order (the same bits: docs/design.md §6); "auto": enough
-    # for two pieces per configured actor, 1 while chunks are plentiful
-    example_shards: int | str = "auto"
+    # each chunk's training batches split over this many actors, per-batch losses combined in
+    # batch order (the same bits: docs/design.md §6); "auto": enough for two pieces per
+    # configured actor when actors outnumber chunks, else 1
+    example_shards: int | str = 1
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class RayEvaluator(Evaluator):
                  cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                  chunk_size: int | None = None, deadline_s: float | None = None,
                  start_timeout_s: float = START_TIMEOUT_S, address: str | None = None,
-                 backup_chunks: bool = True, example_shards: int | str = "auto",
+                 backup_chunks: bool = True, example_shards: int | str = 1,
                  actor_args: dict | None = None, actor_cls: Any = None) -> None:
         if num_actors < 0:  # auto: one actor per GPU, else one per pair of CPUs
             init_ray(address, None)

@@ -84,7 +84,8 @@ def test_auto_shards_only_when_actors_outnumber_chunks():
 
 
 def test_example_shards_config():
-    assert RunConfig.from_dict({}).cluster.example_shards == "auto"
+    assert RunConfig.from_dict({}).cluster.example_shards == 1
+    assert CFG.replace(**{"cluster.example_shards": "auto"}).cluster.example_shards == "auto"
     assert CFG.replace(**{"cluster.example_shards": 4}).cluster.example_shards == 4
     for bad in (0, -2, "many", 2.5, True, None):
         with pytest.raises(ConfigError, match="cluster.example_shards"):
