@@ -147,6 +147,10 @@ class ClusterConfig:
     # idle actors run copies of the longest-outstanding chunks; the first answer wins (the same
     # bits either way: docs/design.md §6)
     backup_chunks: bool = True
+    # each chunk's training batches split over this many actors, per-batch losses combined in
+    # batch order (the same bits: docs/design.md §6); "auto": enough for two pieces per
+    # configured actor when actors outnumber chunks, else 1
+    example_shards: int | str = 1
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,10 @@ class RunConfig:
         for key in ("chunk_size", "deadline_s"):  # optional, but positive when given
             if getattr(self.cluster, key) is not None:
                 positive[f"cluster.{key}"] = getattr(self.cluster, key)
+        shards = self.cluster.example_shards
+        if shards != "auto" and not (isinstance(shards, int) and shards >= 1):
+            raise ConfigError(f"cluster.example_shards must be \"auto\" or an integer >= 1, "
+                              f"got {shards!r}")
         if self.cluster.num_actors < -1 or self.cluster.gpus_per_actor < 0:
             raise ConfigError(f"cluster.num_actors must be >= -1 (-1: one per GPU or CPU pair) "
                               f"and cluster.gpus_per_actor >= 0, got "

@@ -116,7 +116,7 @@ def build_evaluator(cfg: RunConfig, stats: dict | None) -> Evaluator:
     return RayEvaluator(cfg, stats=stats, num_actors=c.num_actors, cpus_per_actor=c.cpus_per_actor,
                         gpus_per_actor=c.gpus_per_actor, chunk_size=c.chunk_size,
                         deadline_s=c.deadline_s, address=c.address,
-                        backup_chunks=c.backup_chunks)
+                        backup_chunks=c.backup_chunks, example_shards=c.example_shards)
 
 
 # Changes that make the stored state meaningless, refused even when forced: another model,

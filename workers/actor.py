@@ -13,6 +13,7 @@ import ray
 import torch
 
 from common.config import RunConfig
+from common.shards import BatchTerms
 from workers.worker import EvalWorker, combine_scores
 
 
@@ -30,7 +31,7 @@ class ActorShell:
     def info(self) -> dict:
         w = self.worker
         return {"n_layers": w.n_layers, "dim": w.dim, "stats": w.calibration_stats(),
-                "rescore": w.rescore}
+                "rescore": w.rescore, "train_batches": w.train_batches}
 
     def commit(self, layer: int, z: np.ndarray) -> None:
         self.worker.commit(layer, z)
@@ -47,6 +48,11 @@ class ActorShell:
 
     def limit_stack(self, cap: int) -> None:
         self.worker.limit_stack(cap)
+
+    def evaluate_shard(self, layer: int, start: int, Z: np.ndarray,
+                       shard: tuple[int, int]) -> tuple[int, BatchTerms]:
+        """Per-batch loss terms of the chunk on example shard i of n (common/shards.py)."""
+        return start, self.worker.batch_terms(layer, Z, shard)
 
     def predict(self, split: str, shard: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         return self.worker.predict(split, shard)

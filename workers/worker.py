@@ -28,6 +28,7 @@ from common.config import RunConfig
 from common.data import Splits
 from common.errors import DfoloraError
 from common.memory import peak_memory_mb
+from common.shards import BatchTerms, combine_batches, shard_range
 from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import inspect, installed, merge_delta
@@ -186,18 +187,28 @@ class EvalWorker:
             self._valid += 1
 
     # -- population scoring -----------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, layer: int, population) -> EvalResult:
-        """Mean training loss and accuracy of each candidate vector for `layer` (others fixed)."""
+        """Mean training loss and accuracy of each candidate vector for `layer` (others fixed):
+        every batch's terms, combined in the canonical order (common/shards.py)."""
+        return EvalResult(*combine_batches(self.batch_terms(layer, population)))
+
+    @torch.no_grad()
+    def batch_terms(self, layer: int, population, shard: tuple[int, int] = (0, 1)) -> BatchTerms:
+        """Each candidate's summed loss and correct answers on every training batch of shard
+        i of n (common/shards.py: consecutive batches), for `layer` (others fixed)."""
         z = torch.from_numpy(self._check(layer, population, ndim=2))
+        index, count = shard
+        if not 0 <= index < count:
+            raise DfoloraError(f"shard {shard} must be (i, n) with 0 <= i < n")
+        first, stop = shard_range(len(self.states), index, count)
         self._prefix(layer)
         n = z.shape[0]
-        loss_sum = torch.zeros(n, dtype=torch.float64)
-        correct = torch.zeros(n, dtype=torch.float64)
-        total = 0
+        loss_sums = np.zeros((stop - first, n), dtype=np.float64)
+        hits = np.zeros((stop - first, n), dtype=np.float64)
+        counts = np.zeros(stop - first, dtype=np.int64)
         self._merge(layer, committed=False)  # candidates replace the layer's committed vector
         try:
-            for state in self.states:
+            for row, state in enumerate(self.states[first:stop]):
                 start = 0
                 while start < n:
                     sl = slice(start, min(start + self._stack_size(state), n))
@@ -212,13 +223,19 @@ class EvalWorker:
                     start = sl.stop
                     losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
                                             self.cfg.eval.hinge_margin)
-                    loss_sum[sl] += losses.sum(-1).double().cpu()
-                    hits = logits.argmax(-1) == state.batch.labels
-                    correct[sl] += hits.sum(-1).double().cpu()
-                total += state.batch.labels.shape[0]
+                    # the float32 sum over the batch's examples, widened (common/shards.py)
+                    loss_sums[row, sl] = losses.sum(-1).double().cpu().numpy()
+                    correct = logits.argmax(-1) == state.batch.labels
+                    hits[row, sl] = correct.sum(-1).double().cpu().numpy()
+                counts[row] = state.batch.labels.shape[0]
         finally:
             self._merge(layer)
-        return EvalResult((loss_sum / total).numpy(), (correct / total).numpy())
+        return BatchTerms(first, loss_sums, hits, counts)
+
+    @property
+    def train_batches(self) -> int:
+        """How many training batches a population is scored on (the unit of example shards)."""
+        return len(self.states)
 
     @property
     def stack_cap(self) -> int | None:

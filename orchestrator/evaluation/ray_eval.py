@@ -18,7 +18,7 @@ import numpy as np
 from common.config import RunConfig
 from common.errors import DfoloraError
 
-from .dispatch import Chunk, Generation, chunks
+from .dispatch import Chunk, Generation, chunks, example_shards, pieces
 from .interface import CandidateId, Evaluation, Evaluator
 from .pool import START_TIMEOUT_S, ActorPool, auto_actors, init_ray
 
@@ -29,7 +29,8 @@ class RayEvaluator(Evaluator):
     """`num_actors` actors (-1: one per GPU of the cluster, else one per CPU pair), each asking
     for `cpus_per_actor`/`gpus_per_actor`; populations cut into `chunk_size` chunks (None:
     2 x actors near-equal ones); an actor silent `deadline_s` on a chunk is replaced;
-    `backup_chunks`: idle actors run copies of outstanding chunks (dispatch.py).
+    `backup_chunks`: idle actors run copies of outstanding chunks; `example_shards` ("auto" or
+    N >= 1): each chunk split over that many runs of training batches (dispatch.py).
     `actor_cls`: a Ray actor class with EvalActor's remote methods (default EvalActor,
     workers/actor.py); the dispatch benchmark passes one that simulates scoring
     (bench/dispatch.py), tests ones that misbehave. `actor_args` go to its constructor."""
@@ -38,8 +39,8 @@ class RayEvaluator(Evaluator):
                  cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                  chunk_size: int | None = None, deadline_s: float | None = None,
                  start_timeout_s: float = START_TIMEOUT_S, address: str | None = None,
-                 backup_chunks: bool = True, actor_args: dict | None = None,
-                 actor_cls: Any = None) -> None:
+                 backup_chunks: bool = True, example_shards: int | str = 1,
+                 actor_args: dict | None = None, actor_cls: Any = None) -> None:
         if num_actors < 0:  # auto: one actor per GPU, else one per pair of CPUs
             init_ray(address, None)
             import ray
@@ -51,6 +52,7 @@ class RayEvaluator(Evaluator):
         self.cfg, self.deadline = cfg, deadline_s
         self.chunk_size, self.num_actors = chunk_size, num_actors
         self.backup_chunks, self.backups = backup_chunks, 0  # copies started, all generations
+        self.example_shards = example_shards
         self._actor_cls = actor_cls
         self._args = {"threads": max(1, int(cpus_per_actor)), **(actor_args or {})}
         self.pool = ActorPool(self._spawn, start_timeout=start_timeout_s,
@@ -59,6 +61,8 @@ class RayEvaluator(Evaluator):
         info = self.pool.start(num_actors, stats)
         self._n_layers, self._dim = info["n_layers"], info["dim"]
         self._rescore = bool(info.get("rescore", False))
+        # an actor that does not say (a test's stand-in) is never sharded
+        self.train_batches = info.get("train_batches", 1)
 
     def _spawn(self, stats: dict | None):
         cls = self._actor_cls
@@ -121,11 +125,17 @@ class RayEvaluator(Evaluator):
         """This evaluator's chunks of a population of n (dispatch.chunks)."""
         return chunks(n, self.chunk_size, self.num_actors)
 
+    def shards(self, n: int) -> int:
+        """Example shards per chunk for a population of n (dispatch.example_shards)."""
+        return example_shards(self.example_shards, self.num_actors, len(self._chunks(n)),
+                              self.train_batches)
+
     def evaluate(self, layer: int, Z: np.ndarray, ids: Sequence[CandidateId]) -> Evaluation:
         if len(ids) != len(Z):
             raise DfoloraError(f"{len(ids)} candidate ids for a population of {len(Z)}")
-        generation = Generation(self.pool, layer, Z, self._chunks(len(Z)), self.deadline,
-                                self.backup_chunks)
+        shards = self.shards(len(Z))
+        generation = Generation(self.pool, layer, Z, pieces(self._chunks(len(Z)), shards),
+                                self.deadline, self.backup_chunks, shards, self.train_batches)
         try:
             return generation.run()
         finally:
