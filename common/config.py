@@ -94,6 +94,9 @@ class EvalConfig:
     # loss* := the committed model's own training loss, scored after each commit (auto: on in
     # bf16/fp16, where stacked and merged arithmetic round apart; docs/design.md §9)
     rescore_commits: str = "auto"
+    # CPU only: have the C heap return big freed buffers to the system at once, so a run's peak
+    # memory is what it uses, not what the heap kept (docs/design.md §7; costs CPU search time)
+    lean_heap: bool = True
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,22 @@ def release_free_memory() -> None:
         pass
 
 
+LEAN_HEAP_BYTES = 8 << 20  # buffers this large or larger are mapped and unmapped on their own
+
+
+def lean_heap(threshold: int = LEAN_HEAP_BYTES) -> bool:
+    """Fix glibc's mmap and trim thresholds (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) at
+    `threshold`: a population's activation buffers (tens of MB on CPU) are then given back to the
+    system when freed. By default glibc raises the mmap threshold after each large free, the
+    buffers come from the heap afterwards, and fragmentation keeps their pages resident: ~110 MB
+    of the demo run's peak (docs/benchmarks.md). Process-wide; False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 TEST_GROUP = 16  # test batches whose frozen prefix is computed together (~15 MB on SmolLM2)
 
 
@@ -77,6 +93,8 @@ class EvalWorker:
     def __init__(self, cfg: RunConfig, stats: dict | None = None,
                  loaded: models.LoadedModel | None = None, splits: Splits | None = None):
         self.cfg = cfg
+        if cfg.eval.lean_heap and models.resolve_device(cfg.model.device).type == "cpu":
+            lean_heap()  # before the model is loaded: its buffers follow the same rule
         spec = task_spec(cfg.task)
         splits = splits or load_splits(cfg)
         own = loaded is None  # a preloaded model (tests, benchmarks) keeps the full-forward path
