@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task.label_token": ("single", "first"),
     "adapter.init": ("qk-input", "paper", "paper-a-only", "random"),
     "eval.loss": ("ce", "hinge"),
+    "eval.rescore_commits": ("auto", "on", "off"),
     "schedule.alternate": ("round", "layer"),
     "schedule.accept": ("elitist", "xbest", "mean"),
     "schedule.select": ("metric", "loss"),
@@ -90,6 +91,12 @@ class EvalConfig:
     # waste almost no padding, and candidates are stacked to fill the pass instead
     train_batch_size: int = 4
     max_stack_tokens: int = 16384  # candidates x tokens per stacked forward pass (memory budget)
+    # loss* := the committed model's own training loss, scored after each commit (auto: on in
+    # bf16/fp16, where stacked and merged arithmetic round apart; docs/design.md §9)
+    rescore_commits: str = "auto"
+    # CPU only: have the C heap return big freed buffers to the system at once, so a run's peak
+    # memory is what it uses, not what the heap kept (docs/design.md §7; costs CPU search time)
+    lean_heap: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,10 @@ class ClusterConfig:
     # idle actors run copies of the longest-outstanding chunks; the first answer wins (the same
     # bits either way: docs/design.md §6)
     backup_chunks: bool = True
+    # each chunk's training batches split over this many actors, per-batch losses combined in
+    # batch order (the same bits: docs/design.md §6); "auto": enough for two pieces per
+    # configured actor when actors outnumber chunks, else 1
+    example_shards: int | str = 1
 
 
 @dataclass(frozen=True)
@@ -198,6 +209,10 @@ class RunConfig:
         for key in ("chunk_size", "deadline_s"):  # optional, but positive when given
             if getattr(self.cluster, key) is not None:
                 positive[f"cluster.{key}"] = getattr(self.cluster, key)
+        shards = self.cluster.example_shards
+        if shards != "auto" and not (isinstance(shards, int) and shards >= 1):
+            raise ConfigError(f"cluster.example_shards must be \"auto\" or an integer >= 1, "
+                              f"got {shards!r}")
         if self.cluster.num_actors < -1 or self.cluster.gpus_per_actor < 0:
             raise ConfigError(f"cluster.num_actors must be >= -1 (-1: one per GPU or CPU pair) "
                               f"and cluster.gpus_per_actor >= 0, got "

@@ -116,7 +116,7 @@ def build_evaluator(cfg: RunConfig, stats: dict | None) -> Evaluator:
     return RayEvaluator(cfg, stats=stats, num_actors=c.num_actors, cpus_per_actor=c.cpus_per_actor,
                         gpus_per_actor=c.gpus_per_actor, chunk_size=c.chunk_size,
                         deadline_s=c.deadline_s, address=c.address,
-                        backup_chunks=c.backup_chunks)
+                        backup_chunks=c.backup_chunks, example_shards=c.example_shards)
 
 
 # Changes that make the stored state meaningless, refused even when forced: another model,
@@ -210,6 +210,8 @@ class _Run:
         # same in a fresh and in a resumed session.
         for layer, z in self.schedule.state.vectors.items():
             self.ev.commit(layer, z)
+        if self.setup.get("stack_cap") is not None:  # an earlier session's halvings
+            self.ev.limit_stack(self.setup["stack_cap"])
 
     def loop(self, stop_after: int | None) -> RunResult:
         steps = {"start": self._start, "search": self._search, "dev": self._dev,
@@ -239,8 +241,12 @@ class _Run:
     def _start(self) -> None:
         dev, test = self.ev.score("dev"), self.ev.score("test")
         layer = self.schedule.order[0]
-        ref = self.ev.evaluate(layer, np.zeros((1, self.ev.dim)), [CandidateId(0, layer, -1, 0)])
-        loss = float(check_evaluation(ref, 1).losses[0])
+        if self.ev.rescores_commits:  # loss* is always the committed model's own score
+            loss = float(self.ev.committed_loss(layer))
+        else:
+            ref = self.ev.evaluate(layer, np.zeros((1, self.ev.dim)),
+                                   [CandidateId(0, layer, -1, 0)])
+            loss = float(check_evaluation(ref, 1).losses[0])
         loss = loss if math.isfinite(loss) else math.inf  # then any finite candidate beats it
         self.log["zero_shot"] = {"train_loss": loss, "dev": dev, "test": test}
         self._emit(self.schedule.start(loss, dev))
@@ -257,10 +263,17 @@ class _Run:
             scored = self.ev.evaluate(gen.layer, z[None, :], centre_id)
             return float(check_evaluation(scored, 1).losses[0])
 
-        before = self.schedule.state.evaluations
+        state = self.schedule.state
+        before = state.evaluations
+        previous = (state.vectors[gen.layer].copy(), state.loss_star)
         record, commit = self.schedule.tell(gen, result, score_centre)
         if commit is not None:
             self.ev.commit(gen.layer, commit)
+            if self.ev.rescores_commits:  # not a candidate: not in the budget
+                loss = float(self.ev.committed_loss(gen.layer))
+                undo = self.schedule.confirm(gen.layer, loss, previous, record)
+                if undo is not None:
+                    self.ev.commit(gen.layer, undo)
         seconds = time.perf_counter() - began
         scored = self.schedule.state.evaluations - before
         record.update(seconds=seconds, candidates_per_s=scored / seconds,
@@ -290,6 +303,11 @@ class _Run:
 
     def _checkpoint(self) -> None:
         self.log["seconds"] = self._wall()
+        cap = self.ev.stack_cap()
+        if cap is not None and cap != self.setup.get("stack_cap"):
+            # an out-of-memory halving: every actor and any resumed session scores with it
+            self.setup["stack_cap"] = cap
+            self.ev.limit_stack(cap)
         peak = self.ev.peak_memory_mb()
         if peak is not None:  # the largest over every session of the run
             self.log["peak_memory_mb"] = max(peak, self.log.get("peak_memory_mb") or 0.0)

@@ -220,6 +220,26 @@ class Schedule:
         self._check_progress()
         return record, commit
 
+    def confirm(self, layer: int, loss: float, previous: tuple[np.ndarray, float],
+                record: dict) -> np.ndarray | None:
+        """eval.rescore_commits: `loss` is the committed state's own training loss, scored after
+        the install that `tell` returned; it becomes loss* (docs/design.md §9). Under `elitist`
+        and `mean` an install whose own loss does not beat the `previous` (vector, loss*) is
+        undone: the previous vector is returned, to be committed back. `xbest` keeps it."""
+        s = self.state
+        z = s.vectors[layer]
+        if self.cfg.schedule.l2:
+            loss += self.cfg.schedule.l2 * float(np.mean(z ** 2))
+        record["committed_loss"] = _json_float(loss)
+        vector, loss_star = previous
+        if self.cfg.schedule.accept != "xbest" and not loss < loss_star:  # NaN included
+            s.vectors[layer], s.loss_star = np.array(vector, dtype=np.float64), loss_star
+            record.update(accepted=False, undone=True, loss_star=loss_star)
+            return s.vectors[layer].copy()
+        s.loss_star = loss
+        record["loss_star"] = loss
+        return None
+
     def record_dev(self, dev: dict, delta_norms: list[dict] | None = None) -> dict:
         """Score of the assembled state on dev after a round (or at the end of the budget)."""
         s = self._expect("dev")

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from common.config import RunConfig
+from common.shards import BatchTerms
 from workers.worker import EvalWorker, combine_scores
 
 
@@ -29,7 +30,8 @@ class ActorShell:
 
     def info(self) -> dict:
         w = self.worker
-        return {"n_layers": w.n_layers, "dim": w.dim, "stats": w.calibration_stats()}
+        return {"n_layers": w.n_layers, "dim": w.dim, "stats": w.calibration_stats(),
+                "rescore": w.rescore, "train_batches": w.train_batches}
 
     def commit(self, layer: int, z: np.ndarray) -> None:
         self.worker.commit(layer, z)
@@ -37,6 +39,20 @@ class ActorShell:
     def evaluate(self, layer: int, start: int, Z: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
         result = self.worker.evaluate(layer, Z)
         return start, result.losses, result.accuracies
+
+    def committed_loss(self, layer: int) -> float:
+        return float(self.worker.committed_loss(layer).losses[0])
+
+    def stack_cap(self) -> int | None:
+        return self.worker.stack_cap
+
+    def limit_stack(self, cap: int) -> None:
+        self.worker.limit_stack(cap)
+
+    def evaluate_shard(self, layer: int, start: int, Z: np.ndarray,
+                       shard: tuple[int, int]) -> tuple[int, BatchTerms]:
+        """Per-batch loss terms of the chunk on example shard i of n (common/shards.py)."""
+        return start, self.worker.batch_terms(layer, Z, shard)
 
     def predict(self, split: str, shard: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         return self.worker.predict(split, shard)

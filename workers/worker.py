@@ -28,6 +28,7 @@ from common.config import RunConfig
 from common.data import Splits
 from common.errors import DfoloraError
 from common.memory import peak_memory_mb
+from common.shards import BatchTerms, combine_batches, shard_range
 from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import inspect, installed, merge_delta
@@ -69,6 +70,22 @@ def release_free_memory() -> None:
         pass
 
 
+LEAN_HEAP_BYTES = 8 << 20  # buffers this large or larger are mapped and unmapped on their own
+
+
+def lean_heap(threshold: int = LEAN_HEAP_BYTES) -> bool:
+    """Fix glibc's mmap and trim thresholds (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) at
+    `threshold`: a population's activation buffers (tens of MB on CPU) are then given back to the
+    system when freed. By default glibc raises the mmap threshold after each large free, the
+    buffers come from the heap afterwards, and fragmentation keeps their pages resident: ~110 MB
+    of the demo run's peak (docs/benchmarks.md). Process-wide; False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 TEST_GROUP = 16  # test batches whose frozen prefix is computed together (~15 MB on SmolLM2)
 
 
@@ -76,6 +93,8 @@ class EvalWorker:
     def __init__(self, cfg: RunConfig, stats: dict | None = None,
                  loaded: models.LoadedModel | None = None, splits: Splits | None = None):
         self.cfg = cfg
+        if cfg.eval.lean_heap and models.resolve_device(cfg.model.device).type == "cpu":
+            lean_heap()  # before the model is loaded: its buffers follow the same rule
         spec = task_spec(cfg.task)
         splits = splits or load_splits(cfg)
         own = loaded is None  # a preloaded model (tests, benchmarks) keeps the full-forward path
@@ -103,6 +122,7 @@ class EvalWorker:
                          for i, pair in enumerate(self.arch.sites)]
         self.committed: dict[int, np.ndarray] = {}
         self._stack_cap = 1 << 30  # lowered when a stacked pass runs out of memory
+        self.rescore = rescores_commits(cfg.eval.rescore_commits, self.model.dtype)
         files = models.WeightFiles.of(loaded) if own and self.first > 0 else None
         self._files = files  # .fallbacks: frozen tensors served from the model (not released)
         # frozen prefix: train's and dev's batch states holding the hidden state entering layer
@@ -185,18 +205,28 @@ class EvalWorker:
             self._valid += 1
 
     # -- population scoring -----------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, layer: int, population) -> EvalResult:
-        """Mean training loss and accuracy of each candidate vector for `layer` (others fixed)."""
+        """Mean training loss and accuracy of each candidate vector for `layer` (others fixed):
+        every batch's terms, combined in the canonical order (common/shards.py)."""
+        return EvalResult(*combine_batches(self.batch_terms(layer, population)))
+
+    @torch.no_grad()
+    def batch_terms(self, layer: int, population, shard: tuple[int, int] = (0, 1)) -> BatchTerms:
+        """Each candidate's summed loss and correct answers on every training batch of shard
+        i of n (common/shards.py: consecutive batches), for `layer` (others fixed)."""
         z = torch.from_numpy(self._check(layer, population, ndim=2))
+        index, count = shard
+        if not 0 <= index < count:
+            raise DfoloraError(f"shard {shard} must be (i, n) with 0 <= i < n")
+        first, stop = shard_range(len(self.states), index, count)
         self._prefix(layer)
         n = z.shape[0]
-        loss_sum = torch.zeros(n, dtype=torch.float64)
-        correct = torch.zeros(n, dtype=torch.float64)
-        total = 0
+        loss_sums = np.zeros((stop - first, n), dtype=np.float64)
+        hits = np.zeros((stop - first, n), dtype=np.float64)
+        counts = np.zeros(stop - first, dtype=np.int64)
         self._merge(layer, committed=False)  # candidates replace the layer's committed vector
         try:
-            for state in self.states:
+            for row, state in enumerate(self.states[first:stop]):
                 start = 0
                 while start < n:
                     sl = slice(start, min(start + self._stack_size(state), n))
@@ -211,13 +241,51 @@ class EvalWorker:
                     start = sl.stop
                     losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
                                             self.cfg.eval.hinge_margin)
-                    loss_sum[sl] += losses.sum(-1).double().cpu()
-                    hits = logits.argmax(-1) == state.batch.labels
-                    correct[sl] += hits.sum(-1).double().cpu()
-                total += state.batch.labels.shape[0]
+                    # the float32 sum over the batch's examples, widened (common/shards.py)
+                    loss_sums[row, sl] = losses.sum(-1).double().cpu().numpy()
+                    correct = logits.argmax(-1) == state.batch.labels
+                    hits[row, sl] = correct.sum(-1).double().cpu().numpy()
+                counts[row] = state.batch.labels.shape[0]
         finally:
             self._merge(layer)
-        return EvalResult((loss_sum / total).numpy(), (correct / total).numpy())
+        return BatchTerms(first, loss_sums, hits, counts)
+
+    @property
+    def train_batches(self) -> int:
+        """How many training batches a population is scored on (the unit of example shards)."""
+        return len(self.states)
+
+    @property
+    def stack_cap(self) -> int | None:
+        """Candidates per pass after out-of-memory halvings; None: never halved."""
+        return None if self._stack_cap == 1 << 30 else self._stack_cap
+
+    def limit_stack(self, cap: int) -> None:
+        """Score with at most `cap` candidates per pass: a halving recorded in the checkpoint,
+        re-applied on resume and on every actor (docs/design.md §8)."""
+        if not isinstance(cap, (int, np.integer)) or isinstance(cap, bool) or cap < 1:
+            raise DfoloraError(f"stack cap must be an integer >= 1, got {cap!r}")
+        self._stack_cap = int(cap)
+
+    @torch.no_grad()
+    def committed_loss(self, layer: int) -> EvalResult:
+        """Training loss and accuracy (one row) of the committed model, every layer merged:
+        the layers from `layer` up run once per training batch (no stacking, no unmerged
+        delta), as `predict` runs them, and the losses add up as in `evaluate`. `layer` only
+        says where the cached hidden states are current; the result does not depend on it
+        (docs/design.md §9, eval.rescore_commits)."""
+        self._check(layer, np.zeros(self.dim), ndim=1)
+        self._prefix(layer)
+        loss_sum = correct = 0.0
+        total = 0
+        for state in self.states:
+            logits = self.prefix_logits(state, layer)
+            losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
+                                    self.cfg.eval.hinge_margin)
+            loss_sum += float(losses.sum(-1).double().cpu())
+            correct += float((logits.argmax(-1) == state.batch.labels).sum().double().cpu())
+            total += state.batch.labels.shape[0]
+        return EvalResult(np.array([loss_sum / total]), np.array([correct / total]))
 
     def _stack_size(self, state: fastpath.BatchState) -> int:
         by_budget = max(1, self.cfg.eval.max_stack_tokens // state.batch.tokens)
@@ -239,11 +307,12 @@ class EvalWorker:
         return self.head(fastpath.gather_positions(hidden, batch.positions))
 
     @torch.no_grad()
-    def prefix_logits(self, state: fastpath.BatchState) -> torch.Tensor:
-        """`logits(state.batch)` from the stored hidden state entering layer `first`: the same
-        layers, final norm (on every position, as the base model applies it) and label head."""
-        hidden = fastpath.run_layers(self.arch, state, self.first, self.n_layers,
-                                     state.hidden[self.first])
+    def prefix_logits(self, state: fastpath.BatchState, start: int | None = None) -> torch.Tensor:
+        """`logits(state.batch)` from the stored hidden state entering layer `start` (default
+        `first`): the same layers, final norm (on every position, as the base model applies
+        it) and label head."""
+        start = self.first if start is None else start
+        hidden = fastpath.run_layers(self.arch, state, start, self.n_layers, state.hidden[start])
         hidden = self.arch.final_norm(hidden)
         return self.head(fastpath.gather_positions(hidden, state.batch.positions))
 
@@ -349,6 +418,14 @@ class EvalWorker:
             raise DfoloraError(f"vector for layer {layer} has non-finite entries")
         # arrays from Ray arrive read-only; torch.from_numpy wants a writable buffer
         return np.ascontiguousarray(z) if z.flags.writeable else z.copy()
+
+
+def rescores_commits(setting: str, dtype: torch.dtype) -> bool:
+    """eval.rescore_commits: `auto` is on for half-precision weights only, so fp32 runs keep
+    their trajectories (docs/design.md §9)."""
+    if setting == "auto":
+        return dtype in (torch.bfloat16, torch.float16)
+    return setting == "on"
 
 
 def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig) -> dict:

@@ -3,8 +3,12 @@
 A population is cut into fixed chunks by index (`chunks`, never dependent on which actors are
 alive), each idle actor takes the next chunk, results come back in any order and are put in
 place by index (docs/design.md §6). Chunks smaller than population / actors let a fast actor
-take more of them. A chunk is always scored whole by one actor, so its losses do not depend on
-which actor scored it, and a fault only costs a re-dispatch:
+take more of them. When the configured actors outnumber the chunks, each chunk is also split
+over consecutive runs of training batches (`example_shards`, `cluster.example_shards`): the
+pieces return per-batch loss terms, combined in batch order once all are in, the same bits
+as a whole chunk (common/shards.py). Below, a "chunk" is such a piece when shards are on. A
+chunk is always scored whole by one actor, so its losses do not depend on which actor scored
+it, and a fault only costs a re-dispatch:
 
 * an actor that dies, or passes `deadline` on a chunk (it is killed), loses its chunk to the
   queue; the pool starts a replacement in the background, which joins when ready while the
@@ -36,11 +40,13 @@ from typing import Any
 import numpy as np
 
 from common.errors import DfoloraError
+from common.shards import BatchTerms, combine_batches
 
 from .interface import Evaluation
 from .pool import MAX_LOSSES, ActorPool, raised_by_code, task_failure
 
-Chunk = tuple[int, int]
+Chunk = tuple[int, int]  # candidates [start, stop)
+Piece = tuple[int, int, int]  # (start, stop, shard): a chunk's candidates on one example shard
 OVERDUE = 1.5  # a chunk out this many times a typical actor's time for it gets a copy
 
 
@@ -55,6 +61,24 @@ def chunks(n: int, chunk_size: int | None, num_actors: int) -> list[Chunk]:
     base, extra = divmod(n, parts)
     bounds = np.cumsum([0] + [base + (i < extra) for i in range(parts)])
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def example_shards(setting: int | str, num_actors: int, n_chunks: int, n_batches: int) -> int:
+    """Example shards per chunk (`cluster.example_shards`), fixed by the configuration and the
+    data, never by who is alive: `setting` itself, or for "auto" enough to give the configured
+    actors two pieces each (ceil(2 x actors / chunks), so 1 while chunks are plentiful), made
+    equal where the batches allow: shards of floor(batches / wanted) batches each. At most one
+    shard per training batch."""
+    if setting == "auto":
+        wanted = -(-2 * num_actors // max(1, n_chunks))
+        per = max(1, n_batches // max(1, wanted))
+        setting = -(-n_batches // per)
+    return max(1, min(int(setting), n_batches))
+
+
+def pieces(chunk_list: list[Chunk], shards: int) -> list[Piece]:
+    """Each chunk on each example shard, chunk by chunk."""
+    return [(start, stop, shard) for start, stop in chunk_list for shard in range(shards)]
 
 
 def typical_rate(rates: dict) -> float | None:
@@ -83,16 +107,22 @@ class Generation:
     """One population's chunks through the pool's actors: dispatch, gather, faults, backups
     (see the top). `run()` once; Z's rows are scored as layer's vector."""
 
-    def __init__(self, pool: ActorPool, layer: int, Z: np.ndarray, queue: list[Chunk],
-                 deadline: float | None = None, backup: bool = False) -> None:
+    def __init__(self, pool: ActorPool, layer: int, Z: np.ndarray, queue: list[Piece],
+                 deadline: float | None = None, backup: bool = False, shards: int = 1,
+                 batches: int = 1) -> None:
         self.pool, self.ray, self.layer, self.Z = pool, pool.ray, layer, Z
         self.deadline, self.backup, self.queue = deadline, backup, list(queue)
-        self.todo = set(queue)  # chunks with no answer yet
+        self.todo = set(queue)  # pieces with no answer yet
         self.losses, self.accs = np.full(len(Z), np.nan), np.full(len(Z), np.nan)
-        self.running: dict[Any, tuple[Any, Chunk, float]] = {}  # ref -> (actor, chunk, t)
+        self.shards = shards  # example shards per chunk; 1: chunks scored whole, losses back
+        if shards > 1:  # every batch's terms, combined once all are in (common/shards.py)
+            self.terms = BatchTerms(0, np.full((batches, len(Z)), np.nan),
+                                    np.full((batches, len(Z)), np.nan),
+                                    np.zeros(batches, dtype=np.int64))
+        self.running: dict[Any, tuple[Any, Piece, float]] = {}  # ref -> (actor, piece, t)
         self.idle = pool.free()
-        self.raised: dict[Chunk, Any] = {}  # chunk -> the actor it raised on, once
-        self.lost: Counter[Chunk] = Counter()
+        self.raised: dict[Piece, Any] = {}  # piece -> the actor it raised on, once
+        self.lost: Counter[Piece] = Counter()
         self.backups = 0  # copies started
 
     def run(self) -> Evaluation:
@@ -115,6 +145,8 @@ class Generation:
         for ref, (actor, _, began) in self.running.items():  # losing copies still at work
             pool.drain(actor, ref, began)
         pool.await_starts()
+        if self.shards > 1:
+            self.losses, self.accs = combine_batches(self.terms)
         return Evaluation(self.losses, self.accs)
 
     def _dispatch(self) -> None:
@@ -137,34 +169,46 @@ class Generation:
         if not (self.backup and self.idle and not self.queue and typical):
             return 1.0
         now = time.monotonic()
-        due = [began + OVERDUE * (c[1] - c[0]) * typical - now
+        due = [began + OVERDUE * self._work(c) * typical - now
                for _, c, began in self.running.values() if self._copies(c) == 1]
         return min([1.0, *(d for d in due if d > 0)])
 
-    def _send(self, actor, chunk: Chunk) -> None:
+    def _send(self, actor, chunk: Piece) -> None:
         self.idle.remove(actor)
-        start, stop = chunk
-        ref = actor.evaluate.remote(self.layer, start, self.Z[start:stop])
+        start, stop, shard = chunk
+        if self.shards == 1:
+            ref = actor.evaluate.remote(self.layer, start, self.Z[start:stop])
+        else:
+            ref = actor.evaluate_shard.remote(self.layer, start, self.Z[start:stop],
+                                              (shard, self.shards))
         self.running[ref] = (actor, chunk, time.monotonic())
 
-    def _copies(self, chunk: Chunk) -> int:
+    def _work(self, chunk: Piece) -> float:
+        """A piece's size in candidates scored on every batch (the unit of the actors' rates)."""
+        return (chunk[1] - chunk[0]) / self.shards
+
+    def _what(self, chunk: Piece) -> str:
+        shard = f" on example shard {chunk[2] + 1} of {self.shards}" if self.shards > 1 else ""
+        return f"candidates {chunk[0]}..{chunk[1] - 1}{shard} of layer {self.layer}"
+
+    def _copies(self, chunk: Piece) -> int:
         return sum(c == chunk for _, c, _ in self.running.values())
 
-    def _backup_target(self) -> tuple[Any, Chunk] | None:
+    def _backup_target(self) -> tuple[Any, Piece] | None:
         """(idle actor, chunk) for a backup copy: the longest-outstanding chunk running on one
         actor only whose copy is expected to answer first; None if there is none."""
         alone = [(began, chunk, owner) for owner, chunk, began in self.running.values()
                  if self._copies(chunk) == 1]
         for began, chunk, owner in sorted(alone, key=lambda item: item[:2]):
             actor = self._pick(chunk)
-            if actor is not None and worth_copying(chunk[1] - chunk[0], time.monotonic() - began,
+            if actor is not None and worth_copying(self._work(chunk), time.monotonic() - began,
                                                    self.pool.rates.get(owner),
                                                    self.pool.rates.get(actor),
                                                    typical_rate(self.pool.rates)):
                 return actor, chunk
         return None
 
-    def _pick(self, chunk: Chunk):
+    def _pick(self, chunk: Piece):
         """An idle actor for the chunk: for a retry not the one it raised on, unless no other
         actor is alive or starting (then waiting would be forever)."""
         avoid = self.raised.get(chunk)
@@ -179,7 +223,7 @@ class Generation:
     def _gather(self, ref) -> None:
         actor, chunk, began = self.running.pop(ref)
         try:
-            _, chunk_losses, chunk_accs = self.ray.get(ref)
+            answer = self.ray.get(ref)
         except self.ray.exceptions.RayError as err:
             if raised_by_code(err, self.ray):  # the actor is alive
                 self.idle.append(actor)
@@ -188,16 +232,24 @@ class Generation:
                 self._lost(actor, chunk, "died")
             return
         self.idle.append(actor)
-        self.pool.rates[actor] = (time.monotonic() - began) / (chunk[1] - chunk[0])
-        if chunk in self.todo:  # the first answer wins; a later copy's is the same bits
-            self.todo.remove(chunk)
-            self.losses[chunk[0] : chunk[1]] = chunk_losses
-            self.accs[chunk[0] : chunk[1]] = chunk_accs
+        self.pool.rates[actor] = (time.monotonic() - began) / self._work(chunk)
+        if chunk not in self.todo:  # the first answer wins; a later copy's is the same bits
+            return
+        self.todo.remove(chunk)
+        start, stop = chunk[:2]
+        if self.shards == 1:
+            self.losses[start:stop], self.accs[start:stop] = answer[1], answer[2]
+            return
+        part = answer[1]  # BatchTerms of the shard's batches (workers/actor.py)
+        rows = slice(part.first, part.first + len(part.counts))
+        self.terms.loss_sums[rows, start:stop] = part.loss_sums
+        self.terms.hits[rows, start:stop] = part.hits
+        self.terms.counts[rows] = part.counts
 
-    def _raised(self, chunk: Chunk, actor, err) -> None:
+    def _raised(self, chunk: Piece, actor, err) -> None:
         if chunk not in self.todo:  # a losing copy: its answer is not needed
             return
-        what = f"scoring candidates {chunk[0]}..{chunk[1] - 1} of layer {self.layer}"
+        what = f"scoring {self._what(chunk)}"
         cause = getattr(err, "cause", None)
         if isinstance(cause, DfoloraError) or chunk in self.raised:
             raise task_failure(err, what + (" (raised twice)" if chunk in self.raised else ""))
@@ -205,13 +257,13 @@ class Generation:
         if not self._copies(chunk):  # else the copy at work is the retry
             self.queue.insert(0, chunk)
 
-    def _lost(self, actor, chunk: Chunk, how: str) -> None:
+    def _lost(self, actor, chunk: Piece, how: str) -> None:
         if chunk in self.todo:
             self.lost[chunk] += 1
             if self.lost[chunk] >= MAX_LOSSES:
-                raise DfoloraError(f"candidates {chunk[0]}..{chunk[1] - 1} of layer "
-                                   f"{self.layer}: {self.lost[chunk]} actors died or passed the "
-                                   f"deadline on them (last: {how}); they may crash every actor")
+                raise DfoloraError(f"{self._what(chunk)}: {self.lost[chunk]} actors died or "
+                                   f"passed the deadline on them (last: {how}); they may crash "
+                                   f"every actor")
             if not self._copies(chunk):
                 self.queue.insert(0, chunk)
         if actor in self.idle:

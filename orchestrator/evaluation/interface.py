@@ -72,6 +72,26 @@ class Evaluator(abc.ABC):
         evaluator can build it (workers/export.py)."""
         return None
 
+    @property
+    def rescores_commits(self) -> bool:
+        """Whether loss* is the committed state's own score (`committed_loss`) rather than the
+        accepted candidate's (eval.rescore_commits, docs/design.md §9)."""
+        return False
+
+    def committed_loss(self, layer: int) -> float:
+        """Training loss of the committed state, every layer merged; `layer`: the layer last
+        committed (where cached states may need advancing). Needed when `rescores_commits`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score the committed state")
+
+    def stack_cap(self) -> int | None:
+        """Candidates per stacked pass after out-of-memory halvings (None: never halved); the
+        driver stores it in the checkpoint (docs/design.md §8)."""
+        return None
+
+    def limit_stack(self, cap: int) -> None:
+        """Score with at most `cap` candidates per pass, in every scoring process."""
+        return None
+
     def peak_memory_mb(self) -> float | None:
         """Peak memory of the scoring processes (common/memory.py), if known."""
         return None

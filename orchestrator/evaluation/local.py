@@ -55,6 +55,19 @@ class LocalEvaluator(Evaluator):
     def delta_norms(self) -> list[dict]:
         return self.worker.delta_norms()
 
+    @property
+    def rescores_commits(self) -> bool:
+        return self.worker.rescore
+
+    def committed_loss(self, layer: int) -> float:
+        return float(self.worker.committed_loss(layer).losses[0])
+
+    def stack_cap(self) -> int | None:
+        return self.worker.stack_cap
+
+    def limit_stack(self, cap: int) -> None:
+        self.worker.limit_stack(cap)
+
     def adapter(self) -> tuple[dict, dict]:
         return self.worker.peft_adapter()
 

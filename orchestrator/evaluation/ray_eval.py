@@ -18,7 +18,7 @@ import numpy as np
 from common.config import RunConfig
 from common.errors import DfoloraError
 
-from .dispatch import Chunk, Generation, chunks
+from .dispatch import Chunk, Generation, chunks, example_shards, pieces
 from .interface import CandidateId, Evaluation, Evaluator
 from .pool import START_TIMEOUT_S, ActorPool, auto_actors, init_ray
 
@@ -29,7 +29,8 @@ class RayEvaluator(Evaluator):
     """`num_actors` actors (-1: one per GPU of the cluster, else one per CPU pair), each asking
     for `cpus_per_actor`/`gpus_per_actor`; populations cut into `chunk_size` chunks (None:
     2 x actors near-equal ones); an actor silent `deadline_s` on a chunk is replaced;
-    `backup_chunks`: idle actors run copies of outstanding chunks (dispatch.py).
+    `backup_chunks`: idle actors run copies of outstanding chunks; `example_shards` ("auto" or
+    N >= 1): each chunk split over that many runs of training batches (dispatch.py).
     `actor_cls`: a Ray actor class with EvalActor's remote methods (default EvalActor,
     workers/actor.py); the dispatch benchmark passes one that simulates scoring
     (bench/dispatch.py), tests ones that misbehave. `actor_args` go to its constructor."""
@@ -38,8 +39,8 @@ class RayEvaluator(Evaluator):
                  cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                  chunk_size: int | None = None, deadline_s: float | None = None,
                  start_timeout_s: float = START_TIMEOUT_S, address: str | None = None,
-                 backup_chunks: bool = True, actor_args: dict | None = None,
-                 actor_cls: Any = None) -> None:
+                 backup_chunks: bool = True, example_shards: int | str = 1,
+                 actor_args: dict | None = None, actor_cls: Any = None) -> None:
         if num_actors < 0:  # auto: one actor per GPU, else one per pair of CPUs
             init_ray(address, None)
             import ray
@@ -51,19 +52,27 @@ class RayEvaluator(Evaluator):
         self.cfg, self.deadline = cfg, deadline_s
         self.chunk_size, self.num_actors = chunk_size, num_actors
         self.backup_chunks, self.backups = backup_chunks, 0  # copies started, all generations
+        self.example_shards = example_shards
         self._actor_cls = actor_cls
         self._args = {"threads": max(1, int(cpus_per_actor)), **(actor_args or {})}
         self.pool = ActorPool(self._spawn, start_timeout=start_timeout_s,
                               resources={"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor})
+        self._cap: int | None = None  # stack cap every actor, replacements too, scores with
         info = self.pool.start(num_actors, stats)
         self._n_layers, self._dim = info["n_layers"], info["dim"]
+        self._rescore = bool(info.get("rescore", False))
+        # an actor that does not say (a test's stand-in) is never sharded
+        self.train_batches = info.get("train_batches", 1)
 
     def _spawn(self, stats: dict | None):
         cls = self._actor_cls
         if cls is None:
             from workers.actor import EvalActor as cls  # torch is imported only when needed
 
-        return cls.options(**self.pool.resources).remote(self.cfg.to_dict(), stats, **self._args)
+        actor = cls.options(**self.pool.resources).remote(self.cfg.to_dict(), stats, **self._args)
+        if self._cap is not None:  # runs after the constructor, before the replayed commits
+            actor.limit_stack.remote(self._cap)
+        return actor
 
     # -- the pool's state, as tests and benchmarks read it -------------------------------------
 
@@ -116,11 +125,17 @@ class RayEvaluator(Evaluator):
         """This evaluator's chunks of a population of n (dispatch.chunks)."""
         return chunks(n, self.chunk_size, self.num_actors)
 
+    def shards(self, n: int) -> int:
+        """Example shards per chunk for a population of n (dispatch.example_shards)."""
+        return example_shards(self.example_shards, self.num_actors, len(self._chunks(n)),
+                              self.train_batches)
+
     def evaluate(self, layer: int, Z: np.ndarray, ids: Sequence[CandidateId]) -> Evaluation:
         if len(ids) != len(Z):
             raise DfoloraError(f"{len(ids)} candidate ids for a population of {len(Z)}")
-        generation = Generation(self.pool, layer, Z, self._chunks(len(Z)), self.deadline,
-                                self.backup_chunks)
+        shards = self.shards(len(Z))
+        generation = Generation(self.pool, layer, Z, pieces(self._chunks(len(Z)), shards),
+                                self.deadline, self.backup_chunks, shards, self.train_batches)
         try:
             return generation.run()
         finally:
@@ -147,6 +162,31 @@ class RayEvaluator(Evaluator):
 
     def delta_norms(self) -> list[dict]:
         return self._on_first("delta_norms", "delta_norms")
+
+    @property
+    def rescores_commits(self) -> bool:
+        return self._rescore
+
+    def committed_loss(self, layer: int) -> float:
+        """On one actor: every actor holds the same merged weights, so any gives these bits."""
+        pool = self.pool
+        return pool.on_live_actors(
+            lambda: pool.ray.get(pool.actors[0].committed_loss.remote(layer)), "committed_loss")
+
+    def stack_cap(self) -> int | None:
+        """The smallest stack cap among the free actors (None: none has halved)."""
+        pool = self.pool
+        caps = pool.on_live_actors(
+            lambda: pool.ray.get([a.stack_cap.remote() for a in pool.free()]), "stack_cap")
+        caps = [c for c in caps if c is not None]
+        return min(caps) if caps else None
+
+    def limit_stack(self, cap: int) -> None:
+        """Every actor, the starting ones and future replacements too, scores with `cap`."""
+        self._cap = int(cap)
+        for actor, calls, _ in self.pool.starting.values():
+            calls.append(actor.limit_stack.remote(self._cap))  # awaited when it joins
+        self.pool.broadcast("limit_stack", self._cap)
 
     def adapter(self) -> tuple[dict, dict]:
         return self._on_first("adapter", "adapter export")

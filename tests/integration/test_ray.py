@@ -75,6 +75,46 @@ def test_small_run_gives_the_same_final_vectors(cluster, tmp_path):
         np.testing.assert_array_equal(distributed.vectors[layer], z)
 
 
+def test_example_shards_give_the_in_process_bits(cluster):
+    """One chunk of the whole population split over both actors' batches: per-batch terms
+    combined on the driver equal the in-process losses bit for bit (common/shards.py)."""
+    remote = make_ray(chunk_size=10, example_shards=2)
+    local = make_local(remote.stats)
+    try:
+        assert remote.train_batches == 2 and remote.shards(10) == 2
+        z = np.random.default_rng(2).standard_normal((10, remote.dim))
+        for ev in (remote, local):
+            ev.commit(2, z[0])
+        for layer in (1, 2):
+            a = remote.evaluate(layer, z, ids(layer, 10))
+            b = local.evaluate(layer, z, ids(layer, 10))
+            np.testing.assert_array_equal(a.losses, b.losses)
+            np.testing.assert_array_equal(a.accuracies, b.accuracies)
+    finally:
+        remote.close()
+
+
+def test_small_run_with_example_shards_gives_the_in_process_run(cluster, tmp_path):
+    """Chunks of the whole population (the in-process stacking: docs/design.md §9), each on
+    two example shards: every generation's losses are the in-process run's, bit for bit."""
+    cfg = CFG.replace(**{"cluster.example_shards": 2, "cluster.chunk_size": 8})
+    remote = make_ray(chunk_size=8, example_shards=2)
+    try:
+        assert remote.shards(8) == 2
+        distributed = run(cfg, tmp_path / "ray", evaluator=remote)
+    finally:
+        remote.close()
+    local = run(CFG, tmp_path / "local", evaluator=make_local(remote.stats))
+    assert distributed.evaluations == local.evaluations
+
+    def losses(result):
+        return [(r["best_loss"], r["loss_star"]) for r in result.metrics if "best_loss" in r]
+
+    assert losses(distributed) == losses(local)
+    for layer, z in local.vectors.items():
+        np.testing.assert_array_equal(distributed.vectors[layer], z)
+
+
 @pytest.mark.parametrize("how", ["ray.kill", "os.kill"])
 def test_actor_killed_mid_generation_loses_nothing(cluster, how):
     import os
