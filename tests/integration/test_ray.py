@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import tiny
+import torch
 
 from common.config import RunConfig
 from orchestrator.driver import run
@@ -43,6 +44,16 @@ def make_ray(chunk_size=None, num_actors=2, **kw):
                         actor_args={"loaded": tiny.model("gpt2"), "splits": tiny.splits()}, **kw)
 
 
+@pytest.fixture
+def one_thread():
+    """The in-process side on one torch thread, as every actor here: a matmul's low bits depend
+    on how many threads split it, and the shard tests compare bits (docs/design.md §9)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_local(stats=None):
     return LocalEvaluator(CFG, stats=stats, loaded=tiny.model("gpt2"), splits=tiny.splits())
 
@@ -75,6 +86,7 @@ def test_small_run_gives_the_same_final_vectors(cluster, tmp_path):
         np.testing.assert_array_equal(distributed.vectors[layer], z)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_example_shards_give_the_in_process_bits(cluster):
     """One chunk of the whole population split over both actors' batches: per-batch terms
     combined on the driver equal the in-process losses bit for bit (common/shards.py)."""
@@ -94,6 +106,7 @@ def test_example_shards_give_the_in_process_bits(cluster):
         remote.close()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_small_run_with_example_shards_gives_the_in_process_run(cluster, tmp_path):
     """Chunks of the whole population (the in-process stacking: docs/design.md §9), each on
     two example shards: every generation's losses are the in-process run's, bit for bit."""
