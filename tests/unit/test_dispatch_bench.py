@@ -65,7 +65,7 @@ def test_bench_reports_every_setting(bench, cluster):
         assert row["actors"] == 2 and row["population"] == 8 and row["chunk_size"] == 2
         assert row["ideal_s"] == pytest.approx(0.004)
         assert row["measured_s"] > 0 and row["efficiency"] == pytest.approx(
-            row["ideal_s"] / row["measured_s"], abs=1e-3)  # both are printed to 3 decimals
+            row["ideal_s"] / row["measured_s"], rel=0.01, abs=1e-3)  # both printed rounded
     assert rows[2]["capacity_s"] == pytest.approx(0.008 / (1 + 1 / 3), abs=1e-4)
     assert rows[2]["chunk_ideal_s"] == pytest.approx(0.006)  # chunk 0 takes 3 x 2 ms
     assert list(result["efficiency"]) == ["2x8", "2x8-backup", "2x8-straggler",
