@@ -59,11 +59,21 @@ def capture(model: nn.Module, arch: Architecture, batch: Batch, kind: str,
             first: int = 0) -> BatchState:
     """One full forward; the hidden states entering layers >= `first` and every layer's call."""
     state = BatchState(batch, [None] * arch.n_layers, [None] * arch.n_layers)
+    keep = {i: True for i in range(first, arch.n_layers)}  # True: a copy of the hidden state
+    with _recording(arch, state, keep):
+        model(**model_inputs(batch, kind))
+    return state
+
+
+@contextmanager
+def _recording(arch: Architecture, state: BatchState, keep: dict[int, bool]) -> Iterator[None]:
+    """Hooks that record every layer's call arguments into `state`, and the hidden state entering
+    each layer in `keep` (cloned where its value is True); the pass stops after the last layer."""
 
     def pre_hook(index):
         def hook(_module, args, kwargs):
-            if index >= first:
-                state.hidden[index] = args[0].clone()
+            if index in keep:
+                state.hidden[index] = args[0].clone() if keep[index] else args[0]
             state.calls[index] = LayerCall(tuple(args[1:]), dict(kwargs))
 
         return hook
@@ -75,13 +85,12 @@ def capture(model: nn.Module, arch: Architecture, batch: Batch, kind: str,
                for i, layer in enumerate(arch.layers)]
     handles.append(arch.layers[-1].register_forward_hook(stop))
     try:
-        model(**model_inputs(batch, kind))
+        yield
     except _Stop:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return state
 
 
 def _identity(hidden, *_args, **_kwargs):
@@ -99,36 +108,18 @@ def record_calls(arch: Architecture, batch: Batch, kind: str, base: nn.Module,
     tables can come from `WeightFiles` rather than the model's own resident copies.
     """
     state = BatchState(batch, [None] * arch.n_layers, [None] * arch.n_layers)
-
-    def pre_hook(index):
-        def hook(_module, args, kwargs):
-            if index == 0:
-                state.hidden[0] = args[0]
-            state.calls[index] = LayerCall(tuple(args[1:]), dict(kwargs))
-
-        return hook
-
-    def stop(_module, _args, _output):
-        raise _Stop
-
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
-               for i, layer in enumerate(arch.layers)]
-    handles.append(arch.layers[-1].register_forward_hook(stop))
     saved = [layer.__dict__.get("forward") for layer in arch.layers]  # e.g. accelerate's
     for layer in arch.layers:
         layer.forward = _identity  # an instance attribute: the class's forward is untouched
     try:
-        torch.func.functional_call(base, params, (), model_inputs(batch, kind))
-    except _Stop:
-        pass
+        with _recording(arch, state, {0: False}):
+            torch.func.functional_call(base, params, (), model_inputs(batch, kind))
     finally:
         for layer, forward in zip(arch.layers, saved, strict=True):
             if forward is None:
                 del layer.forward
             else:
                 layer.forward = forward
-        for handle in handles:
-            handle.remove()
     if state.hidden[0] is None or any(call is None for call in state.calls):
         raise RuntimeError("record_calls: the model did not call every layer")
     return state
