@@ -14,12 +14,13 @@ def rss():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])
 if sys.argv[1] == 'lean':
     assert lean_heap()
+keep = [torch.ones(1000) + torch.ones(1000)]  # torch's lazy start-up allocations come first
 base = rss()
-for n in range(6, 0, -1):  # shrinking buffers: the pattern that strands freed heap pages
-    x = torch.ones(n * 4_000_000)  # 16-96 MB
-    y = torch.ones(1000)  # a small live allocation above it on the heap
-    del x
-    keep = y
+for _ in range(2):
+    for n in range(7, 0, -1):  # shrinking buffers: the pattern that strands freed heap pages
+        x = torch.ones(n * 4_000_000)  # 16-112 MB, all above the lean 8 MB threshold
+        keep.append(torch.ones(1000))  # a small live allocation above it on the heap
+        del x
 print((rss() - base) // 1024)
 """
 
@@ -34,4 +35,6 @@ def resident_growth_mb(mode: str) -> int:
                     reason="glibc and /proc only")
 def test_freed_buffers_leave_the_resident_set():
     lean, default = resident_growth_mb("lean"), resident_growth_mb("default")
-    assert lean < 4 and lean < default
+    # margins, not exact figures: here lean grows 0 MB and the default 45 MB; a CI machine
+    # once showed 7 MB for lean with one round and no warm-up
+    assert lean < 10 and default - lean >= 16, (lean, default)
