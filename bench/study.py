@@ -50,6 +50,9 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "dim100": ["run", "--set", "adapter.dim=100"],
     "dim40": ["run", "--set", "adapter.dim=40"],
     "words3": ["run", "--set", WORDS_3],
+    "pca": ["run", "--set", "adapter.basis=input-pca"],
+    "energy": ["run", "--set", "adapter.basis=input-energy"],
+    "pca8": ["run", "--set", "adapter.basis=input-pca", "--set", "adapter.basis_rank=8"],
     "lora-words3": ["lora", "--set", WORDS_3],
     "zero-shot-words3": ["zero-shot", "--set", WORDS_3],
 }

@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.select": ("metric", "loss"),
     "schedule.recenter": ("switch", "visit"),
     "adapter.param": ("ab", "b", "a"),
+    "adapter.basis": ("random", "input-pca", "input-energy"),
 }
 
 
@@ -80,6 +81,11 @@ class AdapterConfig:
     # the delta is quadratic in z and flat at 0); b: A fixed random, z -> B (linear in z); a: B
     # fixed random, z -> A
     param: str = "ab"
+    # the row space of A_Q and A_K (docs/design.md §2): random (the paper), or the top
+    # `basis_rank` principal directions of the layer's q/k inputs on the training examples,
+    # centred (input-pca) or not (input-energy), so x A is large on what the examples share
+    basis: str = "random"
+    basis_rank: int = 32
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,7 @@ class RunConfig:
             "adapter.rank": self.adapter.rank,
             "adapter.dim": self.adapter.dim,
             "adapter.alpha": self.adapter.alpha,
+            "adapter.basis_rank": self.adapter.basis_rank,
             "eval.batch_size": self.eval.batch_size,
             "eval.train_batch_size": self.eval.train_batch_size,
             "eval.max_stack_tokens": self.eval.max_stack_tokens,

@@ -31,14 +31,33 @@ class CalibrationStats:
     qk_input: tuple[float, ...]  # what each layer's q/k projections receive
     hidden: tuple[float, ...]  # the hidden state entering each layer
     embedding: float  # the word-embedding matrix (the paper's rule for layer 0)
+    # adapter.basis other than random: per searched layer, the top principal directions of its
+    # q/k inputs, rows of unit length (p, in) as nested lists (None for the other layers)
+    bases: tuple[list | None, ...] | None = None
 
     def to_dict(self) -> dict:
-        return {"qk_input": list(self.qk_input), "hidden": list(self.hidden),
-                "embedding": self.embedding}
+        out = {"qk_input": list(self.qk_input), "hidden": list(self.hidden),
+               "embedding": self.embedding}
+        if self.bases is not None:
+            out["bases"] = list(self.bases)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationStats:
-        return cls(tuple(d["qk_input"]), tuple(d["hidden"]), float(d["embedding"]))
+        bases = tuple(d["bases"]) if d.get("bases") is not None else None
+        return cls(tuple(d["qk_input"]), tuple(d["hidden"]), float(d["embedding"]), bases)
+
+
+def principal_directions(x: torch.Tensor, p: int, centred: bool) -> list:
+    """The top-p eigenvectors (rows, unit length) of the second moment of the rows of x (n, in),
+    in float64, centred or not; each row's sign fixed so that its largest entry is positive."""
+    x = x.double()
+    if centred:
+        x = x - x.mean(0)
+    values, vectors = torch.linalg.eigh(x.T @ x / x.shape[0])  # ascending
+    top = vectors[:, values.argsort(descending=True)[:p]].T
+    signs = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
+    return (top * signs).float().tolist()
 
 
 def robust_std(values: torch.Tensor, rounds: int = 5) -> float:
@@ -64,8 +83,10 @@ class Projector:
     def __init__(self, shapes: list[LayerShape], *, rank: int, dim: int, init: str, alpha: float,
                  sigma0: float, seed: int, stats: CalibrationStats, device: torch.device,
                  weight_norms: list[tuple[float, float]] | None = None,
-                 ratio_bounds: tuple[float, float] | None = None, param: str = "ab"):
+                 ratio_bounds: tuple[float, float] | None = None, param: str = "ab",
+                 basis: str = "random"):
         self.shapes, self.rank, self.dim, self.init = shapes, rank, dim, init
+        self.basis = basis
         self.alpha, self.sigma0, self.seed, self.stats = alpha, sigma0, seed, stats
         self.device, self.param = device, param
         # the chunks z is cut into (0: A_Q, 1: B_Q, 2: A_K, 3: B_K); the others are fixed
@@ -134,13 +155,31 @@ class Projector:
                     gen = torch.Generator().manual_seed(derive_seed(self.seed, "fixed", layer, c))
                     size = self._entry_std(kind, size)
                     kind, shape = "normal", (1, numel)
-                if kind == "normal":
+                if c in self.searched and c % 2 == 0 and self.basis != "random":
+                    m = self._basis_map(layer, n, size, gen)
+                elif kind == "normal":
                     m = torch.randn(shape, generator=gen, dtype=torch.float32) * size
                 else:
                     m = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * size
                 built.append((m * self.gains[layer]).to(self.device))
             self._maps[layer] = built
         return self._maps[layer]
+
+    def _basis_map(self, layer: int, n: int, size: float,
+                   gen: torch.Generator) -> torch.Tensor:
+        """A map (n, in * r) whose A = P^T G has its columns in the span of the layer's p
+        principal directions P (p, in): G (p, r) is a Gaussian map of z, its entries' std raised
+        by sqrt(in / p) so that E||A||_F, and with it the scale rule and `ratio_bounds`, are
+        those of the random map (P's rows are orthonormal)."""
+        rows = self.stats.bases[layer] if self.stats.bases is not None else None
+        if rows is None:
+            raise ValueError(f"adapter.basis={self.basis}: no principal directions for layer "
+                             f"{layer} in the calibration statistics")
+        P = torch.tensor(rows, dtype=torch.float32)  # (p, in)
+        p, width = P.shape
+        G = torch.randn((n, p, self.rank), generator=gen, dtype=torch.float32)
+        G *= size * math.sqrt(width / p)
+        return torch.einsum("pi,npr->nir", P, G).reshape(n, width * self.rank)
 
     def _entry_std(self, kind: str, size: float) -> float:
         """Std of a factor entry sum_i z_i M_ij over d/4 terms with z_i ~ N(0, sigma0^2)."""

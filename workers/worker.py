@@ -34,7 +34,13 @@ from workers import fastpath, models
 from workers.adapters import inspect, installed, merge_delta
 from workers.batches import Batch, Prompter
 from workers.head import LabelHead
-from workers.projection import CalibrationStats, LayerShape, Projector, robust_std
+from workers.projection import (
+    CalibrationStats,
+    LayerShape,
+    Projector,
+    principal_directions,
+    robust_std,
+)
 from workers.scoring import classification_metrics, example_losses
 from workers.selfcheck import self_check
 
@@ -146,7 +152,7 @@ class EvalWorker:
         self.projector = Projector(shapes, rank=a.rank, dim=a.dim, init=a.init, alpha=a.alpha,
                                    sigma0=cfg.optimizer.sigma0, seed=cfg.seed, stats=self.stats,
                                    device=self.device, ratio_bounds=a.ratio_bounds,
-                                   param=a.param,
+                                   param=a.param, basis=a.basis,
                                    weight_norms=[tuple(float(torch.linalg.norm(w.double()))
                                                        for w in pair) for pair in self.pristine])
         # the fast path against the model's own forward, before any search (ModelError if not)
@@ -383,19 +389,26 @@ class EvalWorker:
         """
         qk: list[float | None] = [None] * self.n_layers
         hidden: list[float | None] = [None] * self.n_layers
+        basis = self.cfg.adapter.basis
+        bases: list[list | None] | None = None if basis == "random" else [None] * self.n_layers
         masks = [state.batch.attention_mask.bool() for state in self.states]
         for layer in sorted(self.searched):
             self._prefix(layer)
             pairs = list(zip(self.states, masks, strict=True))
             hidden[layer] = robust_std(torch.cat([s.hidden[layer][m].float() for s, m in pairs]))
             module = self.arch.sites[layer][0].module
-            qk[layer] = robust_std(torch.cat([
-                fastpath.module_input(self.arch, s, layer, module)[m].float() for s, m in pairs]))
+            inputs = torch.cat([
+                fastpath.module_input(self.arch, s, layer, module)[m].float() for s, m in pairs])
+            qk[layer] = robust_std(inputs)
+            if bases is not None:  # adapter.basis: A's row space (docs/design.md §2)
+                p = min(self.cfg.adapter.basis_rank, inputs.shape[1])
+                bases[layer] = principal_directions(inputs, p, centred=basis == "input-pca")
         table = self.model.get_input_embeddings()
         step = max(1, table.weight.shape[0] // 4096)  # a fixed row sample: 128k-word vocabularies
         emb = files.sample_rows(table, step) if files is not None else table.weight[::step]
         return CalibrationStats(qk_input=tuple(qk), hidden=tuple(hidden),
-                                embedding=robust_std(emb))
+                                embedding=robust_std(emb),
+                                bases=tuple(bases) if bases is not None else None)
 
     def _check(self, layer: int, vector, ndim: int) -> np.ndarray:
         if (not isinstance(layer, (int, np.integer)) or isinstance(layer, bool)

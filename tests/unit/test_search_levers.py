@@ -86,3 +86,56 @@ def test_one_factor_parametrisation_scores_like_the_reference():
     # z = 0 is the unadapted model: its loss is the zero adapter's training loss
     assert worker.evaluate(1, np.zeros((1, worker.dim))).losses[0] == pytest.approx(
         worker.score("train")["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("basis", ["input-pca", "input-energy"])
+def test_data_basis_puts_a_in_the_inputs_principal_subspace(basis):
+    worker = make_worker("llama", adapter={"basis": basis, "basis_rank": 3})
+    plain = make_worker("llama")
+    layer, proj = 1, worker.projector
+    P = torch.tensor(worker.stats.bases[layer])  # (p, in), orthonormal rows
+    assert P.shape == (3, proj.shapes[layer].q_in)
+    torch.testing.assert_close(P @ P.T, torch.eye(3), rtol=0, atol=1e-5)
+    z = torch.from_numpy(np.random.default_rng(3).standard_normal((64, worker.dim)))
+    ours, random = proj.factors(layer, z), plain.projector.factors(layer, z)
+    for c in (0, 2):  # A_Q and A_K: every column lies in P's span; the spread is kept
+        residual = ours[c] - P.T @ (P @ ours[c])
+        assert float(residual.abs().max()) < 1e-4 * float(ours[c].abs().max())
+        assert 0.7 < float(ours[c].std() / random[c].std()) < 1.4
+    for c in (1, 3):  # B_Q and B_K keep the random maps
+        assert torch.equal(ours[c], random[c])
+    if basis == "input-energy":  # ||x A|| per ||A|| on the training inputs beats random A's
+        module = worker.arch.sites[layer][0].module
+        x = torch.cat([fastpath.module_input(worker.arch, s, layer, module)[
+            s.batch.attention_mask.bool()].float() for s in worker.states])
+
+        def gain(a):
+            return float((x @ a).norm() / a.norm())
+        assert gain(ours[0][0]) > 1.5 * gain(random[0][0])
+    # scores agree with the plain full-forward reference
+    zz = np.random.default_rng(0).standard_normal((2, worker.dim))
+    np.testing.assert_allclose(worker.evaluate(layer, zz).losses,
+                               reference_losses(worker, layer, zz), rtol=1e-4)
+    # a second worker given the first one's statistics holds bit-identical maps
+    again = EvalWorker(worker.cfg, stats=worker.calibration_stats(), loaded=tiny.model("llama"),
+                       splits=tiny.splits())
+    assert all(torch.equal(a, b) for a, b in zip(again.projector.maps(layer), proj.maps(layer),
+                                                  strict=True))
+
+
+def test_principal_directions_find_the_dominant_axis():
+    from workers.projection import principal_directions
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((500, 6)) * [5, 1, 1, 1, 1, 0.1] + [0, 0, 9, 0, 0, 0])
+    centred = torch.tensor(principal_directions(x, 2, centred=True))
+    energy = torch.tensor(principal_directions(x, 1, centred=False))
+    assert centred[0].abs().argmax() == 0 and centred[0].max() > 0.99  # the widest spread
+    assert energy[0].abs().argmax() == 2  # the mean dominates the uncentred second moment
+
+
+def test_basis_settings_are_checked():
+    with pytest.raises(ConfigError, match="adapter.basis_rank must be > 0"):
+        RunConfig.from_dict({"adapter": {"basis": "input-pca", "basis_rank": 0}})
+    with pytest.raises(ConfigError, match="adapter.basis"):
+        RunConfig.from_dict({"adapter": {"basis": "pca"}})
