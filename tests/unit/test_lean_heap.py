@@ -14,7 +14,9 @@ def rss():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])
 if sys.argv[1] == 'lean':
     assert lean_heap()
-keep = [torch.ones(1000) + torch.ones(1000)]  # torch's lazy start-up allocations come first
+keep = [torch.ones(1000) + torch.ones(1000)]  # torch's lazy start-up allocations come first,
+warm = torch.ones(4_000_000)  # and the code pages of a big fill
+del warm
 base = rss()
 for _ in range(2):
     for n in range(7, 0, -1):  # shrinking buffers: the pattern that strands freed heap pages
