@@ -28,7 +28,7 @@ import numpy as np
 from common.config import RunConfig
 from common.errors import ConfigError
 from orchestrator.checkpoint import CheckpointStore, Entry, atomic_write
-from orchestrator.evaluation.interface import CandidateId, Evaluator, check_evaluation
+from orchestrator.evaluation.interface import Evaluator
 from orchestrator.optimizers import restore_optimizer
 from orchestrator.plots import draw_plots
 from orchestrator.reporting import Reporter
@@ -190,17 +190,17 @@ class _Run:
         self.cfg, self.ev, self.store, self.folder = cfg, evaluator, store, folder
         self.reporter = reporter or (lambda record: None)
         self.started = time.perf_counter()
+        info = evaluator.info
         if entry is None:
-            self.schedule = Schedule(cfg, evaluator.n_layers, evaluator.dim)
+            self.schedule = Schedule(cfg, info.n_layers, info.dim)
             self.log: dict[str, Any] = {"metrics": [], "dev": [], "zero_shot": None,
                                         "final": None, "seconds": 0.0, "emitted": 0,
                                         "peak_memory_mb": None}
-            self.setup = evaluator.setup()
+            self.setup = {} if info.calibration is None else {"calibration": info.calibration}
         else:
             optimizers = {key: restore_optimizer(state)
                           for key, state in entry.optimizers.items()}
-            self.schedule = Schedule(cfg, evaluator.n_layers, evaluator.dim, _state(entry),
-                                     optimizers)
+            self.schedule = Schedule(cfg, info.n_layers, info.dim, _state(entry), optimizers)
             self.log, self.setup = entry.payload["log"], entry.payload["setup"]
         self.seconds_before = self.log["seconds"]
         _keep_lines(folder / METRICS, self.log["emitted"])  # drop a replayed step's records
@@ -241,12 +241,11 @@ class _Run:
     def _start(self) -> None:
         dev, test = self.ev.score("dev"), self.ev.score("test")
         layer = self.schedule.order[0]
-        if self.ev.rescores_commits:  # loss* is always the committed model's own score
+        if self.ev.info.rescores_commits:  # loss* is always the committed model's own score
             loss = float(self.ev.committed_loss(layer))
-        else:
-            ref = self.ev.evaluate(layer, np.zeros((1, self.ev.dim)),
-                                   [CandidateId(0, layer, -1, 0)])
-            loss = float(check_evaluation(ref, 1).losses[0])
+        else:  # the zero adapter's: one all-zero row (not a candidate: not in the budget)
+            ref = self.ev.evaluate(layer, np.zeros((1, self.ev.info.dim)))
+            loss = float(ref.checked(1).losses[0])
         loss = loss if math.isfinite(loss) else math.inf  # then any finite candidate beats it
         self.log["zero_shot"] = {"train_loss": loss, "dev": dev, "test": test}
         self._emit(self.schedule.start(loss, dev))
@@ -256,12 +255,10 @@ class _Run:
         if gen is None:  # the round ended on optimisers that have stopped
             return
         began = time.perf_counter()
-        result = check_evaluation(self.ev.evaluate(gen.layer, gen.Z, gen.ids), len(gen.Z))
-        centre_id = (CandidateId(gen.round, gen.layer, gen.generation, 0),)  # its own call
+        result = self.ev.evaluate(gen.layer, gen.Z).checked(len(gen.Z))
 
         def score_centre(z: np.ndarray) -> float:  # accept: mean (docs/design.md §5)
-            scored = self.ev.evaluate(gen.layer, z[None, :], centre_id)
-            return float(check_evaluation(scored, 1).losses[0])
+            return float(self.ev.evaluate(gen.layer, z[None, :]).checked(1).losses[0])
 
         state = self.schedule.state
         before = state.evaluations
@@ -269,28 +266,30 @@ class _Run:
         record, commit = self.schedule.tell(gen, result, score_centre)
         if commit is not None:
             self.ev.commit(gen.layer, commit)
-            if self.ev.rescores_commits:  # not a candidate: not in the budget
+            if self.ev.info.rescores_commits:  # not a candidate: not in the budget
                 loss = float(self.ev.committed_loss(gen.layer))
                 undo = self.schedule.confirm(gen.layer, loss, previous, record)
                 if undo is not None:
                     self.ev.commit(gen.layer, undo)
         seconds = time.perf_counter() - began
         scored = self.schedule.state.evaluations - before
-        record.update(seconds=seconds, candidates_per_s=scored / seconds,
-                      actors=self.ev.parallelism,
-                      candidates_per_s_per_actor=scored / seconds / self.ev.parallelism,
+        actors = self.ev.diagnostics().parallelism
+        record.update(seconds=seconds, candidates_per_s=scored / seconds, actors=actors,
+                      candidates_per_s_per_actor=scored / seconds / actors,
                       wall_seconds=self._wall())
         self._emit(record, "metrics")
 
     def _dev(self) -> None:
-        self._emit(self.schedule.record_dev(self.ev.score("dev"), self.ev.delta_norms()), "dev")
+        dev = self.ev.score("dev")
+        norms = self.ev.diagnostics(delta_norms=True).delta_norms
+        self._emit(self.schedule.record_dev(dev, norms), "dev")
 
     def _final(self) -> None:
         snapshot = self.schedule.state.best_dev
         for layer, z in snapshot.vectors.items():
             self.ev.commit(layer, z)
         final = {split: self.ev.score(split) for split in ("train", "dev", "test")}
-        final["delta_norms"] = self.ev.delta_norms()
+        final["delta_norms"] = self.ev.diagnostics(delta_norms=True).delta_norms
         adapter = self.ev.adapter()
         if adapter is not None:
             self.folder.write_adapter(*adapter)
@@ -303,12 +302,13 @@ class _Run:
 
     def _checkpoint(self) -> None:
         self.log["seconds"] = self._wall()
-        cap = self.ev.stack_cap()
+        diag = self.ev.diagnostics()
+        cap = diag.stack_cap
         if cap is not None and cap != self.setup.get("stack_cap"):
             # an out-of-memory halving: every actor and any resumed session scores with it
             self.setup["stack_cap"] = cap
             self.ev.limit_stack(cap)
-        peak = self.ev.peak_memory_mb()
+        peak = diag.peak_memory_mb
         if peak is not None:  # the largest over every session of the run
             self.log["peak_memory_mb"] = max(peak, self.log.get("peak_memory_mb") or 0.0)
         plain, arrays = self.schedule.state.to_plain()

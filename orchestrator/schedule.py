@@ -33,9 +33,9 @@ import numpy as np
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.messages import EvalResult
 from common.seeding import derive_seed
 from common.tasks import task_spec
-from orchestrator.evaluation.interface import CandidateId, Evaluation
 from orchestrator.methods import methods, optimizer_options
 from orchestrator.optimizers import Optimizer, make_optimizer
 
@@ -100,14 +100,14 @@ class ScheduleState:
 
 @dataclass(frozen=True)
 class Generation:
-    """One population for one layer, as asked; `Z[i]` carries `ids[i]`."""
+    """One population for one layer, as asked: row i of `Z` is candidate i, and the evaluator's
+    result has one row per candidate, in the same order."""
 
     round: int
     layer: int
     method: str
     generation: int
     Z: np.ndarray
-    ids: tuple[CandidateId, ...]
 
 
 def layer_order(cfg: RunConfig, n_layers: int) -> tuple[int, ...]:
@@ -185,11 +185,9 @@ class Schedule:
         if not created and (switched or visit_start):
             opt.recenter(s.vectors[layer])  # start at the current vector (loss*)
         s.last_method[layer] = method
-        Z = opt.ask()
-        ids = tuple(CandidateId(s.round, layer, s.generation, i) for i in range(len(Z)))
-        return Generation(s.round, layer, method, s.generation, Z, ids)
+        return Generation(s.round, layer, method, s.generation, opt.ask())
 
-    def tell(self, gen: Generation, result: Evaluation,
+    def tell(self, gen: Generation, result: EvalResult,
              score_centre: Callable[[np.ndarray], float] | None = None,
              ) -> tuple[dict, np.ndarray | None]:
         """Tell the optimiser, apply the accept rule; returns (metrics record, vector to commit
@@ -334,7 +332,7 @@ class Schedule:
         s.vectors[gen.layer], s.loss_star = x, f
         return x.copy(), f
 
-    def _record(self, gen: Generation, result: Evaluation, opt: Optimizer,
+    def _record(self, gen: Generation, result: EvalResult, opt: Optimizer,
                 accepted: bool) -> dict:
         s, losses = self.state, result.losses
         finite = losses[np.isfinite(losses)]

@@ -15,7 +15,7 @@ from common.config import RunConfig
 from common.errors import ConfigError, DfoloraError
 from orchestrator import checkpoint
 from orchestrator.driver import run
-from orchestrator.evaluation import Evaluation, local
+from orchestrator.evaluation import EvalResult, local
 from orchestrator.optimizers import OptimizerError
 from orchestrator.reporting import fan_out, jsonl_reporter, progress_reporter
 from orchestrator.validation import validate_run
@@ -108,9 +108,9 @@ def test_layers_out_of_range_are_reported_once_the_model_is_known(tmp_path):
 
 def test_an_evaluator_returning_the_wrong_number_of_losses_is_an_error(tmp_path):
     class Short(LayeredQuadratic):
-        def evaluate(self, layer, Z, ids):
-            full = super().evaluate(layer, Z, ids)
-            return Evaluation(full.losses[:-1]) if len(Z) > 1 else full
+        def evaluate(self, layer, Z):
+            full = super().evaluate(layer, Z)
+            return EvalResult(full.losses[:-1]) if len(Z) > 1 else full
 
     cfg = RunConfig.from_dict({"adapter": {"dim": 8}, "budget": 40,
                                "optimizer": {"popsize": 4}})
