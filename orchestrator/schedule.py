@@ -3,8 +3,8 @@
 Block-coordinate descent over layers: one optimiser per (layer, method), each keeping its state
 across visits; a generation asks one optimiser for a population for its layer, the evaluator
 scores it with every other layer at its committed vector, and the accept rule decides what is
-committed. `ScheduleState` is all that evolves besides the optimisers; both go into every
-checkpoint, so a resumed run replays the identical trajectory. Phases, driven by the driver:
+committed. `ScheduleState` (state.py) is all that evolves besides the optimisers; both go into
+every checkpoint, so a resumed run replays the identical trajectory. Phases, driven by the driver:
 
     start  -> the zero adapter is scored (loss* on train, dev): `start(loss, dev)`
     search -> `ask()` a generation, the evaluator scores it, `tell()` accepts or not
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,64 +38,7 @@ from common.seeding import derive_seed
 from common.tasks import task_spec
 from orchestrator.methods import methods, optimizer_options
 from orchestrator.optimizers import Optimizer, make_optimizer
-
-OptKey = tuple[int, str]  # (layer, method)
-
-
-@dataclass
-class Snapshot:
-    """An assembled state scored on dev; the best one is the run's final adapter."""
-
-    round: int | None  # the round after which it was scored; None: the zero adapter
-    evaluations: int
-    dev: dict
-    vectors: dict[int, np.ndarray]
-
-
-@dataclass
-class ScheduleState:
-    vectors: dict[int, np.ndarray]  # committed vector of every scheduled layer
-    phase: str = "start"
-    round: int = 0
-    position: int = 0  # index into the layer order
-    visit_generation: int = 0  # generations done in the current visit
-    generation: int = 0  # generations done in the run
-    round_generations: int = 0  # generations done in the current round
-    evaluations: int = 0
-    loss_star: float = math.inf
-    last_method: dict[int, str] = field(default_factory=dict)  # method of each layer's last visit
-    stop_reason: str | None = None
-    best_dev: Snapshot | None = None
-
-    def to_plain(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """(JSON-safe part, arrays): the checkpoint stores the first as JSON, the second as npz."""
-        plain = {k: getattr(self, k) for k in ("phase", "round", "position", "visit_generation",
-                                               "generation", "round_generations", "evaluations",
-                                               "loss_star", "stop_reason")}
-        plain["last_method"] = {str(k): v for k, v in self.last_method.items()}
-        arrays = {f"vector_{k}": v for k, v in self.vectors.items()}
-        snap = self.best_dev
-        if snap is not None:
-            plain["best_dev"] = {"round": snap.round, "evaluations": snap.evaluations,
-                                 "dev": snap.dev}
-            arrays.update({f"snapshot_{k}": v for k, v in snap.vectors.items()})
-        return plain, arrays
-
-    @classmethod
-    def from_plain(cls, plain: dict, arrays: dict[str, np.ndarray]) -> ScheduleState:
-        def vectors(prefix: str) -> dict[int, np.ndarray]:
-            return {int(k[len(prefix):]): np.array(v, dtype=np.float64)
-                    for k, v in arrays.items() if k.startswith(prefix)}
-
-        plain = dict(plain)
-        snap = plain.pop("best_dev", None)
-        state = cls(vectors=vectors("vector_"), **{k: v for k, v in plain.items()
-                                                   if k != "last_method"})
-        state.last_method = {int(k): v for k, v in plain["last_method"].items()}
-        if snap is not None:
-            state.best_dev = Snapshot(snap["round"], snap["evaluations"], snap["dev"],
-                                      vectors("snapshot_"))
-        return state
+from orchestrator.state import OptKey, ScheduleState, Snapshot
 
 
 @dataclass(frozen=True)

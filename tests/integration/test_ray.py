@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from runs import run
 
 from common.config import RunConfig
-from orchestrator.driver import run
 from orchestrator.evaluation.local import LocalEvaluator
 
 ray = pytest.importorskip("ray")

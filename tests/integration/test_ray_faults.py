@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
+from runs import run
 
 from common.config import RunConfig
 from common.errors import DfoloraError
 from common.messages import EvalResult
-from orchestrator.driver import run
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration

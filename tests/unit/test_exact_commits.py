@@ -14,10 +14,9 @@ import pytest
 import tiny
 import torch
 from layered import LayeredQuadratic
+from runs import run
 
 from common.config import RunConfig
-from orchestrator import checkpoint
-from orchestrator.driver import run
 from orchestrator.evaluation import EvaluatorInfo
 from orchestrator.evaluation.local import LocalEvaluator
 from workers.scoring import example_losses
@@ -30,8 +29,7 @@ TIMING = {"seconds", "wall_seconds", "candidates_per_s", "candidates_per_s_per_a
 
 
 @pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setattr(checkpoint, "FSYNC", False)
+def _quiet():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box
     yield

@@ -7,8 +7,9 @@ with a literal name too. The rules (docs/design.md §6):
 * `common/` is shared by both sides: it imports nothing from orchestrator/ or workers/, and
   never torch or Ray.
 * `orchestrator/optimizers/` is plain numpy: no torch, no workers/, no Ray.
-* `orchestrator/schedule.py` is the pure state machine: no torch, Ray, workers/, driver,
-  evaluators, checkpoint or validation (the results it is told are common/messages.py's).
+* `orchestrator/schedule.py` is the pure state machine, and `orchestrator/state.py` its state:
+  no torch, Ray, workers/, driver, evaluators, checkpoint or validation (the results the
+  schedule is told are common/messages.py's).
 * The driver side (all of orchestrator/) reaches workers/ only through the entry points in
   ENTRY_POINTS: the in-process evaluator module `orchestrator/evaluation/local.py` (the
   `EvalWorker`, and the zero-shot, gradient-LoRA and merge functions the commands call), and
@@ -93,7 +94,7 @@ def violations(path: str, names: set[str]) -> list[str]:
                "common/ imports neither side, nor torch or Ray")
     if path.startswith("orchestrator/optimizers/"):
         forbid(("torch", "workers", "ray"), "the optimisers are plain numpy")
-    if path == "orchestrator/schedule.py":
+    if path in ("orchestrator/schedule.py", "orchestrator/state.py"):
         forbid(("torch", "ray", "workers", "orchestrator.driver", "orchestrator.evaluation",
                 "orchestrator.checkpoint", "orchestrator.validation"),
                "the schedule is a pure state machine")

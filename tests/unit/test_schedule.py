@@ -8,21 +8,15 @@ driver with the pure-numpy evaluator of layered.py (milliseconds per run).
 import numpy as np
 import pytest
 from layered import LayeredQuadratic
+from runs import run
 
 from common.config import RunConfig
 from common.seeding import derive_seed
-from orchestrator import checkpoint
-from orchestrator.driver import run
 from orchestrator.optimizers.fireworks import BareBonesFireworks
 from orchestrator.schedule import Schedule
 
 POPSIZE = 6
 METHODS = ["cma", "fwa"]
-
-
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch):
-    monkeypatch.setattr(checkpoint, "FSYNC", False)  # durability is not under test here
 
 
 def config(budget=100, **schedule) -> RunConfig:
