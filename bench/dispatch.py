@@ -50,9 +50,9 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import RunConfig  # noqa: E402
+from common.messages import EvalResult  # noqa: E402
 from common.shards import BatchTerms, combine_batches, shard_range  # noqa: E402
 from orchestrator.evaluation.dispatch import chunks  # noqa: E402
-from orchestrator.evaluation.interface import CandidateId  # noqa: E402
 from orchestrator.evaluation.ray_eval import RayEvaluator, init_ray  # noqa: E402
 
 
@@ -78,15 +78,14 @@ class SimActor:
         """Score `factor` times slower from now on (1: full speed)."""
         self.factor = factor
 
-    def evaluate(self, layer: int, start: int, Z: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    def evaluate(self, layer: int, Z: np.ndarray) -> EvalResult:
         time.sleep(self.cost * self.factor * len(Z))
-        return start, expected_losses(Z, self.batches), np.zeros(len(Z))
+        return EvalResult(expected_losses(Z, self.batches), np.zeros(len(Z)))
 
-    def evaluate_shard(self, layer: int, start: int, Z: np.ndarray,
-                       shard: tuple[int, int]) -> tuple[int, BatchTerms]:
+    def evaluate_shard(self, layer: int, Z: np.ndarray, shard: tuple[int, int]) -> BatchTerms:
         first, stop = shard_range(self.batches, *shard)
         time.sleep(self.cost * self.factor * len(Z) * (stop - first) / self.batches)
-        return start, sim_terms(Z, first, stop, self.batches)
+        return sim_terms(Z, first, stop, self.batches)
 
     def pid(self) -> int:
         import os
@@ -128,10 +127,9 @@ def time_generations(ev: RayEvaluator, population: int, generations: int, rng,
     """Wall time of each timed generation after one warm-up; every loss is checked in place."""
     times = []
     for gen in range(generations + 1):
-        Z = rng.standard_normal((population, ev.dim))
-        ids = [CandidateId(0, 0, gen, i) for i in range(population)]
+        Z = rng.standard_normal((population, ev.info.dim))
         began = time.perf_counter()
-        losses = ev.evaluate(0, Z, ids).losses
+        losses = ev.evaluate(0, Z).losses
         elapsed = time.perf_counter() - began
         if not np.array_equal(losses, expected_losses(Z, batches)):
             raise AssertionError(f"misplaced losses at population {population}, generation {gen}")

@@ -47,13 +47,10 @@ from typing import Any
 import numpy as np
 
 from common.errors import DfoloraError
+from orchestrator.state import OptKey
 
-OptKey = tuple[int, str]
 # 2: every entry has a .sha256 file; 1 (no checksums, older versions) still loads, unverified
 FORMAT = 2
-# fsync each file before its rename, so an entry survives a power loss, not only a crash of
-# the process; a few ms per file. Tests turn it off: durability is not what they check.
-FSYNC = True
 
 
 class CheckpointError(DfoloraError):
@@ -80,11 +77,14 @@ class Entry:
     optimizers: dict[OptKey, dict[str, Any]]  # optimiser state_dicts
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write `data` to a temporary name, then rename it over `path`. With `fsync` the data is
+    flushed to disk before the rename, so the file survives a power loss, not only a crash of
+    the process (a few ms per file; tests that do not check durability pass False)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        if FSYNC:
+        if fsync:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -101,10 +101,10 @@ def sha256(data: bytes) -> str:
 
 
 class CheckpointStore:
-    """Writes and reads the entries of one checkpoint folder."""
+    """Writes and reads the entries of one checkpoint folder; `fsync`: see `atomic_write`."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, fsync: bool = True) -> None:
+        self.folder, self.fsync = Path(folder), fsync
         self.step = -1  # the newest entry written or loaded
         self.files: dict[OptKey, str] = {}  # optimiser -> its newest file stem
         self.digests: dict[str, str] = {}  # file name -> SHA-256 of what was written or read
@@ -133,14 +133,14 @@ class CheckpointStore:
         names = [self._path(step, ext).name for ext in (".json", ".npz")]
         names += [name for stem in sorted(set(self.files.values())) for name in self._names(stem)]
         sums = "".join(f"{self.digests[name]}  {name}\n" for name in names)
-        atomic_write(self._path(step, ".sha256"), sums.encode())
-        atomic_write(self.folder / "LATEST", f"{step}\n".encode())
+        atomic_write(self._path(step, ".sha256"), sums.encode(), fsync=self.fsync)
+        atomic_write(self.folder / "LATEST", f"{step}\n".encode(), fsync=self.fsync)
         self.step = step
         self._collect_garbage()
         return step
 
     def _write(self, name: str, data: bytes) -> None:
-        atomic_write(self.folder / name, data)
+        atomic_write(self.folder / name, data, fsync=self.fsync)
         self.digests[name] = sha256(data)
 
     def _names(self, stem: str) -> list[str]:

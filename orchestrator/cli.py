@@ -14,8 +14,8 @@
 A user mistake (a bad key, a missing file, a non-empty output folder) is an `error:` line (a
 refused resume adds one line per changed key) and exit code 2, before any model is loaded;
 nothing already written is touched. A mistake found only once the model or data load (a missing
-model, an unknown task) leaves no run folder behind either: what the refused command created is
-removed again (`commands.discard_refused`).
+model, unreadable data) leaves no run folder behind either: what the refused command created is
+removed again (by the driver for `run`, by `commands.discard_refused` for the others).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from pathlib import Path
 from common.config import RunConfig
 from common.errors import ConfigError
 from orchestrator import presets
-from orchestrator.checkpoint import CheckpointStore
 from orchestrator.reporting import (
     bar_reporter,
     fan_out,
@@ -24,29 +23,34 @@ from orchestrator.reporting import (
     stream_jsonl_reporter,
     tensorboard_reporter,
 )
-from orchestrator.runfolder import ADAPTER, CHECKPOINTS, CONFIG, RESULTS, RunFolder, read_config
+from orchestrator.runfolder import ADAPTER, CONFIG, RESULTS, RunFolder, read_config
 from orchestrator.schedule import selection_metric
-from orchestrator.validation import validate_run
 
 
-def _folder(args, cfg: RunConfig | None, method: str, resume: bool = False) -> RunFolder:
+def _folder(args, cfg: RunConfig, method: str) -> RunFolder:
+    """The run folder of a command that writes at once (zero-shot, lora), made now."""
+    folder = RunFolder(_out(args, cfg, method))
+    folder.prepare(resume=False)
+    args.run_folder = folder  # for discard_refused
+    return folder
+
+
+def _out(args, cfg: RunConfig | None, method: str, resume: bool = False) -> str:
+    """--out, or for a new run runs/<task>-<method>-<time> when it is not given."""
     if args.out is None:
         if resume:
             raise ConfigError("--resume needs --out: the folder of the run to continue")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         args.out = str(Path("runs") / f"{cfg.task.name}-{method}-{stamp}")
-    folder = RunFolder(args.out)
-    folder.prepare(resume)
-    args.run_folder = folder  # for discard_refused
-    return folder
+    return args.out
 
 
 def discard_refused(args) -> None:
-    """After a refusal (a DfoloraError): remove what the command created in a run folder that
-    was new or empty, unless it got as far as a checkpoint or results (docs/reliability.md)."""
+    """After a refusal (a DfoloraError) of zero-shot, lora or export: remove what the command
+    created in a run folder that was new or empty, unless it got as far as results
+    (docs/reliability.md). `dfolora run` needs none: its driver cleans up itself."""
     folder = getattr(args, "run_folder", None)
-    if folder is None or (folder / RESULTS).exists() or CheckpointStore(
-            folder / CHECKPOINTS).exists():
+    if folder is None or (folder / RESULTS).exists():
         return
     folder.discard()
 
@@ -59,36 +63,21 @@ def _reporter(args, budget: int):
             "json": stream_jsonl_reporter, "quiet": lambda: None}[mode]()
 
 
-def _given(args) -> bool:
-    return bool(args.config or args.preset or args.sets)
-
-
 def run(args) -> int:
-    from orchestrator.driver import results_summary
-    from orchestrator.driver import run as search
+    """`dfolora run`: the driver decides (new, resumed, forced; orchestrator/driver.py), this
+    prints the folder, the trust notice before a checkpoint is read, progress and the outcome."""
+    from orchestrator import driver
 
+    given = bool(args.config or args.preset or args.sets)
     cfg = presets.resolve(args.config, args.preset, args.sets) if (
-        _given(args) or not args.resume) else None
-    if cfg is not None:
-        validate_run(cfg)  # optimiser names too, before the folder is touched
+        given or not args.resume) else None
+    plan = driver.plan(cfg, _out(args, cfg, "dfo", args.resume), resume=args.resume,
+                       force=args.force, notice=lambda line: print(line, file=sys.stderr))
     board = tensorboard_reporter(args.tensorboard) if args.tensorboard else None
-    folder = _folder(args, cfg, "dfo", resume=args.resume)
-    stored = (RunConfig.from_dict(read_config(folder / CONFIG))
-              if args.resume and (folder / CONFIG).exists() else None)
-    if cfg is None and stored is None:
-        raise ConfigError(f"nothing to resume in '{folder.path}': it holds no {CONFIG}")
-    resumable = args.resume and CheckpointStore(folder / CHECKPOINTS).exists()
-    if cfg is None and not resumable:
-        cfg = stored  # stopped before its first checkpoint: start it again
-    print(f"run folder: {folder.path}", file=sys.stderr)
-    if resumable:
-        print(f"resuming from {folder.path}: checkpoints hold pickled optimiser state; resume "
-              f"only folders you trust", file=sys.stderr)
-    reporter = _reporter(args, (cfg or stored).budget)
-    if board is not None:
-        reporter = fan_out(*(r for r in (reporter, board) if r is not None))
-    result = search(cfg, folder.path, resume=args.resume, force=args.force, reporter=reporter)
-    _print_outcome(results_summary(cfg or stored, result), folder)
+    print(f"run folder: {plan.folder.path}", file=sys.stderr)
+    reporters = [r for r in (_reporter(args, plan.cfg.budget), board) if r is not None]
+    result = driver.execute(plan, reporter=fan_out(*reporters) if reporters else None)
+    _print_outcome(driver.results_summary(plan.cfg, result), plan.folder)
     return 0
 
 

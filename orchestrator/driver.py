@@ -1,4 +1,4 @@
-"""The local driver: config -> evaluator -> schedule -> accept/commit -> checkpoint -> metrics.
+"""The local driver: the whole life of a run, from a config or a run folder to its outputs.
 
     from common.config import RunConfig
     from orchestrator.driver import run
@@ -6,34 +6,43 @@
     result = run(RunConfig.from_dict({"budget": 400}), "runs/demo", reporter=progress_reporter())
     result.final["test"]["accuracy"], result.zero_shot["test"]["accuracy"]
 
+`run` is the one entry point for a new, a resumed and a forced run. It is `plan` (decide what the
+folder's run does, validate the config once, refuse what cannot run: nothing written, no model
+loaded) followed by `execute` (create the folder, build the evaluator, step the schedule,
+checkpoint, write the outputs); the command line calls the two halves itself, to print between
+them (orchestrator/commands.py). A run refused before its first checkpoint leaves no folder it
+created behind.
+
 One loop, one phase per step (schedule.py): score the zero adapter, then generations and dev
 evaluations, then the best-dev snapshot on train/dev/test. A checkpoint follows every step, so
 `run(None, out_dir, resume=True)` continues an interrupted run on the identical trajectory.
 Library code: every record (one per generation, per dev evaluation, and the start and final
-ones) goes to `reporter` and into the result; nothing is printed here. No torch is imported
-unless the driver builds the in-process evaluator itself.
+ones) goes to the run's outputs, metrics.jsonl, the caller's reporter and the plots, and into
+the result; nothing is printed here. No torch is imported unless the driver builds the
+in-process evaluator itself.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.config import RunConfig
-from common.errors import ConfigError
-from orchestrator.checkpoint import CheckpointStore, Entry, atomic_write
-from orchestrator.evaluation.interface import CandidateId, Evaluator, check_evaluation
+from common.errors import ConfigError, DfoloraError
+from orchestrator.checkpoint import CheckpointStore, Entry
+from orchestrator.evaluation.interface import Evaluator
 from orchestrator.optimizers import restore_optimizer
-from orchestrator.plots import draw_plots
+from orchestrator.plots import Plotter
 from orchestrator.reporting import Reporter
-from orchestrator.runfolder import CHECKPOINTS, METRICS, PLOTS, RunFolder
-from orchestrator.schedule import Schedule, ScheduleState, selection_metric
+from orchestrator.resume import resume_config
+from orchestrator.runfolder import CHECKPOINTS, CONFIG, PLOTS, RunFolder
+from orchestrator.schedule import Schedule, selection_metric
+from orchestrator.state import RunLog, ScheduleState, Setup
 from orchestrator.validation import validate_run
 
 
@@ -61,47 +70,106 @@ class RunResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def run(cfg: RunConfig | None, out_dir: str | Path, *, evaluator: Evaluator | None = None,
-        resume: bool = False, stop_after: int | None = None,
-        reporter: Reporter | None = None, force: bool = False) -> RunResult:
-    """Run a search writing into `out_dir`; with `resume`, continue the run whose checkpoint is
-    there (or start one, if there is none: a preemptible job can always pass `resume=True`).
+@dataclass
+class Plan:
+    """A run decided but not started: what `execute` does in `folder`."""
 
-    `cfg` may be None when resuming (the checkpoint's config is used); a given one must equal
-    it, unless `force`: then the run continues under the given config (`_resume_config` says
-    which changes it still refuses). `evaluator`: default an in-process `LocalEvaluator` built
-    from `cfg`. `stop_after`: return, unfinished, once this many generations are done and
-    checkpointed (tests use it to simulate an interruption). The checkpoint holds pickles
+    cfg: RunConfig  # the config the run goes on with, validated
+    folder: RunFolder
+    store: CheckpointStore
+    entry: Entry | None = None  # the checkpoint the run resumes from; None: it starts
+
+
+def run(cfg: RunConfig | None, out_dir: str | Path, *, evaluator: Evaluator | None = None,
+        resume: bool = False, force: bool = False, stop_after: int | None = None,
+        reporter: Reporter | None = None, plots: bool = True, fsync: bool = True) -> RunResult:
+    """Run a search writing into `out_dir`: `plan`, then `execute` (see both).
+
+    With `resume`, continue the run whose checkpoint is there (or start one, if there is none:
+    a preemptible job can always pass `resume=True`). `cfg` may be None when resuming (the
+    checkpoint's config is used); a given one must equal it, unless `force`: then the run
+    continues under the given config (orchestrator/resume.py says which changes it still
+    refuses). `evaluator`: default an in-process `LocalEvaluator` built from the config.
+    `stop_after`: return, unfinished, once this many generations are done and checkpointed
+    (tests use it to simulate an interruption). `plots`: draw plots/ (orchestrator/plots.py);
+    `fsync`: flush every file to disk before its rename. The checkpoint holds pickles
     (orchestrator/checkpoint.py): resume only folders you trust.
     """
-    folder = RunFolder(out_dir)
-    store = CheckpointStore(folder / CHECKPOINTS)
-    entry = None
-    if store.exists():
-        if not resume:
-            raise ConfigError(f"'{folder.path}' already holds a checkpoint: resume it or choose "
-                              f"another output folder")
+    return execute(plan(cfg, out_dir, resume=resume, force=force, fsync=fsync),
+                   evaluator=evaluator, reporter=reporter, stop_after=stop_after, plots=plots)
+
+
+def plan(cfg: RunConfig | None, out_dir: str | Path, *, resume: bool = False,
+         force: bool = False, fsync: bool = True,
+         notice: Callable[[str], None] | None = None) -> Plan:
+    """What a run in `out_dir` does, decided before anything is written or any model loaded:
+
+    * no checkpoint there: a new run of `cfg`; with `resume` and no `cfg`, a run stopped
+      before its first checkpoint starts again from its config.yaml;
+    * a checkpoint, with `resume`: the run continues under the stored config, or a given one
+      (`force`, orchestrator/resume.py);
+    * refused (ConfigError, CheckpointError): a checkpoint or a non-empty folder without
+      `resume`, a path that is a file, a config that cannot run, a changed config.
+
+    The config is validated once (orchestrator/validation.py): a given one first, so that its
+    mistakes are reported before the folder's, a stored one once read. `notice(line)` is
+    called before a checkpoint is read (it holds pickles)."""
+    if cfg is not None:
+        validate_run(cfg)
+    folder = RunFolder(out_dir, fsync=fsync)
+    store = CheckpointStore(folder / CHECKPOINTS, fsync=fsync)
+    checkpointed = folder.path.is_dir() and store.exists()
+    if checkpointed and not resume:
+        raise ConfigError(f"'{folder.path}' already holds a checkpoint: resume it (--resume) "
+                          f"or choose another output folder")
+    folder.check(resume)
+    given, entry = cfg, None
+    if checkpointed:
+        if notice is not None:
+            notice(f"resuming from {folder.path}: checkpoints hold pickled optimiser state; "
+                   f"resume only folders you trust")
         entry = store.load()
-        cfg = _resume_config(cfg, entry, force)
-    elif cfg is None:
-        raise ConfigError(f"nothing to resume in '{folder.path}' and no config given")
-    validate_run(cfg)  # before any model is loaded
+        cfg = resume_config(cfg, RunConfig.from_dict(entry.payload["config"]), _state(entry),
+                            force)
+    elif cfg is None and resume:
+        cfg = folder.stored_config()  # stopped before its first checkpoint: start it again
+    if cfg is None:
+        raise ConfigError(f"nothing to resume in '{folder.path}': no checkpoint, no {CONFIG} "
+                          f"and no config given")
+    if given is None:
+        validate_run(cfg)
+    return Plan(cfg, folder, store, entry)
+
+
+def execute(p: Plan, *, evaluator: Evaluator | None = None, reporter: Reporter | None = None,
+            stop_after: int | None = None, plots: bool = True) -> RunResult:
+    """Carry out a plan: create the folder and write config.yaml (on resume too: a forced
+    config changes it), build the evaluator unless one is given (and close it at the end), run
+    the loop. A finished run only gets missing output files written again. A refusal
+    (DfoloraError: a missing model, unreadable data, ...) before the first checkpoint removes
+    what the run created in a folder that was missing or empty."""
+    entry = p.entry
     if entry is not None and entry.payload["schedule"]["phase"] == "done":
-        result = _result(_state(entry), entry.payload["log"])
+        result = _result(_state(entry), RunLog.from_plain(entry.payload["log"]))
         # a run killed between its last checkpoint and these files gets them now
-        _write_outputs(folder, RunConfig.from_dict(entry.payload["config"]), result)
+        _write_outputs(p.folder, RunConfig.from_dict(entry.payload["config"]), result)
         return result
-    folder.prepare(resume=True)  # the caller decides whether a non-empty folder is welcome
-    folder.write_config(cfg)  # on resume too: a forced one changes it (the checkpoint follows)
-    own = evaluator is None
-    if own:
-        setup = entry.payload["setup"] if entry else {}
-        evaluator = build_evaluator(cfg, setup.get("calibration"))
+    p.folder.create()
     try:
-        return _Run(cfg, evaluator, store, entry, reporter, folder).loop(stop_after)
-    finally:
+        p.folder.write_config(p.cfg)
+        setup = Setup.from_plain(entry.payload["setup"]) if entry is not None else None
+        own = evaluator is None
         if own:
-            evaluator.close()
+            evaluator = build_evaluator(p.cfg, setup.calibration if setup else None)
+        try:
+            return _Session(p, evaluator, setup, reporter, plots).loop(stop_after)
+        finally:
+            if own:
+                evaluator.close()
+    except DfoloraError:
+        if not p.store.exists():
+            p.folder.discard()
+        raise
 
 
 def build_evaluator(cfg: RunConfig, stats: dict | None) -> Evaluator:
@@ -119,99 +187,44 @@ def build_evaluator(cfg: RunConfig, stats: dict | None) -> Evaluator:
                         backup_chunks=c.backup_chunks, example_shards=c.example_shards)
 
 
-# Changes that make the stored state meaningless, refused even when forced: another model,
-# data or objective (every stored loss and loss* would be of something else), other projection
-# maps (adapter.*, seed, and sigma0, which scales them: the vectors would mean other deltas),
-# other layers, or another population size (the optimisers' states are sized by it).
-FROZEN = ("model", "task", "adapter", "seed", "schedule.layers", "optimizer.popsize",
-          "optimizer.sigma0", "eval.loss", "eval.hinge_margin")
-
-
-def _resume_config(cfg: RunConfig | None, entry: Entry, force: bool = False) -> RunConfig:
-    """The config a resumed run continues with: the stored one, or with `force` the given one
-    when its changes leave the stored state meaningful (the trajectory so far stays the stored
-    config's; `budget` and `schedule.rounds` extend or shorten the search, `cluster.*` and the
-    eval batch sizes change only how candidates are scored, other keys act from the next
-    generation)."""
-    stored = RunConfig.from_dict(entry.payload["config"])
-    if cfg is None or cfg == stored:
-        return stored
-    diffs = _differences(stored.to_dict(), cfg.to_dict(), "")
-    lines = "".join(f"\n  {key}: {json.dumps(old)} -> {json.dumps(new)}"
-                    for key, old, new in diffs)
-    frozen = [key for key, _, _ in diffs if any(key == f or key.startswith(f"{f}.")
-                                               for f in FROZEN)]
-    if frozen:
-        raise ConfigError(f"the config differs from the checkpoint's (stored -> given):{lines}"
-                          f"\n{', '.join(frozen)} cannot change in a run (not even with "
-                          f"--force): resume with the stored config or start a new run")
-    if not force:
-        raise ConfigError(f"the config differs from the checkpoint's (stored -> given):{lines}"
-                          f"\nresume with the stored config (give no --config/--set), pass "
-                          f"--force to continue under the given one, or start a new run")
-    _check_limits(cfg, stored, _state(entry))
-    return cfg
-
-
-def _check_limits(cfg: RunConfig, stored: RunConfig, s: ScheduleState) -> None:
-    """A forced budget or round limit must still be one the schedule can honour."""
-    limits = (cfg.budget, cfg.schedule.rounds) != (stored.budget, stored.schedule.rounds)
-    if limits and s.stop_reason is not None:
-        raise ConfigError(f"the search has already stopped ({s.stop_reason}): a new budget or "
-                          f"schedule.rounds cannot reopen it; start a new run")
-    # mid-round, the next generation starts without a budget check (it follows each one)
-    needs = cfg.optimizer.popsize + (cfg.schedule.accept == "mean")  # Schedule.per_generation
-    if s.phase == "search" and s.evaluations + needs > cfg.budget:
-        raise ConfigError(f"budget {cfg.budget}: the run has spent {s.evaluations} evaluations "
-                          f"and its next generation needs {needs} more")
-    rounds = cfg.schedule.rounds
-    if rounds is not None and s.round >= rounds and s.phase in ("search", "dev"):
-        raise ConfigError(f"schedule.rounds {rounds}: the run is already in round "
-                          f"{s.round + 1}")
-
-
-def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
-    """(dotted key, value in a, value in b) wherever two plain config trees differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [diff for k in sorted(set(a) | set(b))
-                for diff in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [(prefix.rstrip("."), a, b)]
-
-
 def _state(entry: Entry) -> ScheduleState:
     return ScheduleState.from_plain(entry.payload["schedule"], entry.arrays)
 
 
-class _Run:
-    """One session of a run: the schedule, its evaluator and checkpoints."""
+class _Session:
+    """One session of a run: the schedule, its evaluator, outputs and checkpoints."""
 
-    def __init__(self, cfg: RunConfig, evaluator: Evaluator, store: CheckpointStore,
-                 entry: Entry | None, reporter: Reporter | None, folder: RunFolder) -> None:
-        self.cfg, self.ev, self.store, self.folder = cfg, evaluator, store, folder
-        self.reporter = reporter or (lambda record: None)
+    def __init__(self, p: Plan, evaluator: Evaluator, setup: Setup | None,
+                 reporter: Reporter | None, plots: bool) -> None:
+        self.cfg, self.ev, self.store, self.folder = p.cfg, evaluator, p.store, p.folder
         self.started = time.perf_counter()
-        if entry is None:
-            self.schedule = Schedule(cfg, evaluator.n_layers, evaluator.dim)
-            self.log: dict[str, Any] = {"metrics": [], "dev": [], "zero_shot": None,
-                                        "final": None, "seconds": 0.0, "emitted": 0,
-                                        "peak_memory_mb": None}
-            self.setup = evaluator.setup()
+        info = evaluator.info
+        if p.entry is None:
+            self.schedule = Schedule(self.cfg, info.n_layers, info.dim)
+            self.log, self.setup = RunLog(), Setup(calibration=info.calibration)
         else:
             optimizers = {key: restore_optimizer(state)
-                          for key, state in entry.optimizers.items()}
-            self.schedule = Schedule(cfg, evaluator.n_layers, evaluator.dim, _state(entry),
+                          for key, state in p.entry.optimizers.items()}
+            self.schedule = Schedule(self.cfg, info.n_layers, info.dim, _state(p.entry),
                                      optimizers)
-            self.log, self.setup = entry.payload["log"], entry.payload["setup"]
-        self.seconds_before = self.log["seconds"]
-        _keep_lines(folder / METRICS, self.log["emitted"])  # drop a replayed step's records
+            self.log, self.setup = RunLog.from_plain(p.entry.payload["log"]), setup
+        self.seconds_before = self.log.seconds
+        self.folder.keep_metrics(self.log.emitted)  # drop a replayed step's records
+        # every record goes to these, in order: metrics.jsonl (before the checkpoint that
+        # counts it), the caller's reporter, the plots
+        self.outputs: list[Reporter] = [self.folder.append_metrics]
+        if reporter is not None:
+            self.outputs.append(reporter)
+        if plots:
+            self.outputs.append(Plotter(self.folder / PLOTS, self.log))
         # Install the assembled state in every scheduled layer, in a fresh run too (zeros): an
         # evaluator may cache what it computed from committed layers (the worker's prefix
         # states), and the same commits at the start keep that cache, and so every loss, the
         # same in a fresh and in a resumed session.
         for layer, z in self.schedule.state.vectors.items():
             self.ev.commit(layer, z)
-        if self.setup.get("stack_cap") is not None:  # an earlier session's halvings
-            self.ev.limit_stack(self.setup["stack_cap"])
+        if self.setup.stack_cap is not None:  # an earlier session's halvings
+            self.ev.limit_stack(self.setup.stack_cap)
 
     def loop(self, stop_after: int | None) -> RunResult:
         steps = {"start": self._start, "search": self._search, "dev": self._dev,
@@ -228,27 +241,20 @@ class _Run:
         return result
 
     def _emit(self, record: dict, kind: str | None = None) -> None:
-        if kind is not None:
-            self.log[kind].append(record)
-        # metrics.jsonl gets the record before the checkpoint that counts it, so a resumed
-        # session keeps exactly the first `emitted` lines (a replayed step's are dropped)
-        self.folder.append_metrics(record)
-        self.log["emitted"] += 1
-        self.reporter(record)
-        if record["event"] in ("dev", "final"):
-            draw_plots(self.folder / PLOTS, self.log, final=record["event"] == "final")
+        self.log.record(record, kind)
+        for output in self.outputs:
+            output(record)
 
     def _start(self) -> None:
         dev, test = self.ev.score("dev"), self.ev.score("test")
         layer = self.schedule.order[0]
-        if self.ev.rescores_commits:  # loss* is always the committed model's own score
+        if self.ev.info.rescores_commits:  # loss* is always the committed model's own score
             loss = float(self.ev.committed_loss(layer))
-        else:
-            ref = self.ev.evaluate(layer, np.zeros((1, self.ev.dim)),
-                                   [CandidateId(0, layer, -1, 0)])
-            loss = float(check_evaluation(ref, 1).losses[0])
+        else:  # the zero adapter's: one all-zero row (not a candidate: not in the budget)
+            ref = self.ev.evaluate(layer, np.zeros((1, self.ev.info.dim)))
+            loss = float(ref.checked(1).losses[0])
         loss = loss if math.isfinite(loss) else math.inf  # then any finite candidate beats it
-        self.log["zero_shot"] = {"train_loss": loss, "dev": dev, "test": test}
+        self.log.zero_shot = {"train_loss": loss, "dev": dev, "test": test}
         self._emit(self.schedule.start(loss, dev))
 
     def _search(self) -> None:
@@ -256,12 +262,10 @@ class _Run:
         if gen is None:  # the round ended on optimisers that have stopped
             return
         began = time.perf_counter()
-        result = check_evaluation(self.ev.evaluate(gen.layer, gen.Z, gen.ids), len(gen.Z))
-        centre_id = (CandidateId(gen.round, gen.layer, gen.generation, 0),)  # its own call
+        result = self.ev.evaluate(gen.layer, gen.Z).checked(len(gen.Z))
 
         def score_centre(z: np.ndarray) -> float:  # accept: mean (docs/design.md §5)
-            scored = self.ev.evaluate(gen.layer, z[None, :], centre_id)
-            return float(check_evaluation(scored, 1).losses[0])
+            return float(self.ev.evaluate(gen.layer, z[None, :]).checked(1).losses[0])
 
         state = self.schedule.state
         before = state.evaluations
@@ -269,32 +273,34 @@ class _Run:
         record, commit = self.schedule.tell(gen, result, score_centre)
         if commit is not None:
             self.ev.commit(gen.layer, commit)
-            if self.ev.rescores_commits:  # not a candidate: not in the budget
+            if self.ev.info.rescores_commits:  # not a candidate: not in the budget
                 loss = float(self.ev.committed_loss(gen.layer))
                 undo = self.schedule.confirm(gen.layer, loss, previous, record)
                 if undo is not None:
                     self.ev.commit(gen.layer, undo)
         seconds = time.perf_counter() - began
         scored = self.schedule.state.evaluations - before
-        record.update(seconds=seconds, candidates_per_s=scored / seconds,
-                      actors=self.ev.parallelism,
-                      candidates_per_s_per_actor=scored / seconds / self.ev.parallelism,
+        actors = self.ev.diagnostics().parallelism
+        record.update(seconds=seconds, candidates_per_s=scored / seconds, actors=actors,
+                      candidates_per_s_per_actor=scored / seconds / actors,
                       wall_seconds=self._wall())
         self._emit(record, "metrics")
 
     def _dev(self) -> None:
-        self._emit(self.schedule.record_dev(self.ev.score("dev"), self.ev.delta_norms()), "dev")
+        dev = self.ev.score("dev")
+        norms = self.ev.diagnostics(delta_norms=True).delta_norms
+        self._emit(self.schedule.record_dev(dev, norms), "dev")
 
     def _final(self) -> None:
         snapshot = self.schedule.state.best_dev
         for layer, z in snapshot.vectors.items():
             self.ev.commit(layer, z)
         final = {split: self.ev.score(split) for split in ("train", "dev", "test")}
-        final["delta_norms"] = self.ev.delta_norms()
+        final["delta_norms"] = self.ev.diagnostics(delta_norms=True).delta_norms
         adapter = self.ev.adapter()
         if adapter is not None:
             self.folder.write_adapter(*adapter)
-        self.log["final"] = final
+        self.log.final = final
         self.schedule.finish()
         self._emit({"event": "final", "best_dev_round": snapshot.round, **final})
 
@@ -302,18 +308,19 @@ class _Run:
         return self.seconds_before + time.perf_counter() - self.started
 
     def _checkpoint(self) -> None:
-        self.log["seconds"] = self._wall()
-        cap = self.ev.stack_cap()
-        if cap is not None and cap != self.setup.get("stack_cap"):
+        self.log.seconds = self._wall()
+        diag = self.ev.diagnostics()
+        cap = diag.stack_cap
+        if cap is not None and cap != self.setup.stack_cap:
             # an out-of-memory halving: every actor and any resumed session scores with it
-            self.setup["stack_cap"] = cap
+            self.setup.stack_cap = cap
             self.ev.limit_stack(cap)
-        peak = self.ev.peak_memory_mb()
+        peak = diag.peak_memory_mb
         if peak is not None:  # the largest over every session of the run
-            self.log["peak_memory_mb"] = max(peak, self.log.get("peak_memory_mb") or 0.0)
+            self.log.peak_memory_mb = max(peak, self.log.peak_memory_mb or 0.0)
         plain, arrays = self.schedule.state.to_plain()
-        payload = {"config": self.cfg.to_dict(), "schedule": plain, "log": self.log,
-                   "setup": self.setup}
+        payload = {"config": self.cfg.to_dict(), "schedule": plain,
+                   "log": self.log.to_plain(), "setup": self.setup.to_plain()}
         self.store.save(payload, arrays, self.schedule.optimizers, self.schedule.dirty)
         self.schedule.dirty.clear()
 
@@ -323,18 +330,17 @@ def _write_outputs(folder: RunFolder, cfg: RunConfig, result: RunResult) -> None
     folder.write_results(results_summary(cfg, result))
 
 
-def _result(s: ScheduleState, log: dict) -> RunResult:
+def _result(s: ScheduleState, log: RunLog) -> RunResult:
     snap = s.best_dev
     return RunResult(
-        finished=s.phase == "done", stop_reason=s.stop_reason, zero_shot=log["zero_shot"],
-        final=log["final"], metrics=log["metrics"], dev_history=log["dev"],
+        finished=s.phase == "done", stop_reason=s.stop_reason, zero_shot=log.zero_shot,
+        final=log.final, metrics=log.metrics, dev_history=log.dev,
         best_dev=None if snap is None else {"round": snap.round,
                                              "evaluations": snap.evaluations, "dev": snap.dev},
-        evaluations=s.evaluations, generations=s.generation, seconds=log["seconds"],
+        evaluations=s.evaluations, generations=s.generation, seconds=log.seconds,
         vectors={k: v.copy() for k, v in s.vectors.items()},
         best_vectors={} if snap is None else {k: v.copy() for k, v in snap.vectors.items()},
-        peak_memory_mb=log.get("peak_memory_mb"))
-
+        peak_memory_mb=log.peak_memory_mb)
 
 
 def method_name(cfg: RunConfig) -> str:
@@ -351,11 +357,3 @@ def results_summary(cfg: RunConfig, result: RunResult) -> dict:
             "wall_seconds": round(result.seconds, 3), "peak_memory_mb": result.peak_memory_mb,
             "generations": result.generations, "best_dev": result.best_dev,
             "stop_reason": result.stop_reason, "finished": result.finished}
-
-
-def _keep_lines(path: Path, count: int) -> None:
-    """Truncate a JSON-lines file to its first `count` complete lines."""
-    if not path.exists():
-        return
-    lines = path.read_bytes().split(b"\n")[:count]
-    atomic_write(path, b"".join(line + b"\n" for line in lines if line))

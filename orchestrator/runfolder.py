@@ -30,21 +30,27 @@ VECTORS, ADAPTER, CHECKPOINTS, PLOTS = "best_vectors.npz", "adapter", "checkpoin
 
 
 class RunFolder:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.fresh = False  # prepare() found the folder missing or empty
-        self.made: list[Path] = []  # the folders prepare() created, innermost first
+    """`fsync`: whether each file is flushed to disk before its rename (checkpoint.atomic_write)."""
+
+    def __init__(self, path: str | Path, fsync: bool = True) -> None:
+        self.path, self.fsync = Path(path), fsync
+        self.fresh = False  # create() found the folder missing or empty
+        self.made: list[Path] = []  # the folders create() made, innermost first
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    def prepare(self, resume: bool) -> None:
-        """Create the folder; refuse one that holds anything but a resumable run of ours."""
+    def check(self, resume: bool) -> None:
+        """Refuse a path that is a file, or (unless resuming) a folder that holds anything;
+        writes nothing."""
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"output folder '{self.path}' is a file")
         if not resume and self.path.is_dir() and any(self.path.iterdir()):
             raise ConfigError(f"output folder '{self.path}' is not empty: pass --resume to "
                               f"continue the run there, or choose another --out")
+
+    def create(self) -> None:
+        """Create the folder (and its parents) and check that it is writable."""
         self.fresh = not self.path.is_dir() or not any(self.path.iterdir())
         self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
@@ -56,9 +62,14 @@ class RunFolder:
             raise ConfigError(f"output folder '{self.path}' is not writable "
                               f"({err.strerror or err})") from None
 
+    def prepare(self, resume: bool) -> None:
+        """`check`, then `create`: the folder of a command that writes at once."""
+        self.check(resume)
+        self.create()
+
     def discard(self) -> None:
-        """Remove what was written since prepare() found the folder missing or empty (a refused
-        command's config.yaml, ...), and the folders prepare() created; a folder that held
+        """Remove what was written since create() found the folder missing or empty (a refused
+        command's config.yaml, ...), and the folders create() made; a folder that held
         anything before is left alone."""
         if not self.fresh or not self.path.is_dir():
             return
@@ -75,10 +86,10 @@ class RunFolder:
 
     def write_config(self, cfg: RunConfig) -> None:
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        atomic_write(self / CONFIG, text.encode())
+        atomic_write(self / CONFIG, text.encode(), self.fsync)
 
     def write_results(self, results: dict) -> None:
-        atomic_write(self / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
+        atomic_write(self / RESULTS, (json.dumps(results, indent=2) + "\n").encode(), self.fsync)
 
     def read_results(self) -> dict:
         path = self / RESULTS
@@ -92,7 +103,7 @@ class RunFolder:
 
     def write_vectors(self, vectors: dict[int, np.ndarray]) -> None:
         arrays = {f"layer_{k}": v for k, v in sorted(vectors.items())}
-        atomic_write(self / VECTORS, npz_bytes(arrays))
+        atomic_write(self / VECTORS, npz_bytes(arrays), self.fsync)
 
     def write_adapter(self, tensors: dict[str, np.ndarray], config: dict) -> Path:
         """adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes."""
@@ -101,13 +112,28 @@ class RunFolder:
         folder = self / ADAPTER
         folder.mkdir(exist_ok=True)
         atomic_write(folder / "adapter_model.safetensors",
-                     save_bytes(tensors, metadata={"format": "pt"}))
-        atomic_write(folder / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
+                     save_bytes(tensors, metadata={"format": "pt"}), self.fsync)
+        atomic_write(folder / "adapter_config.json",
+                     (json.dumps(config, indent=2) + "\n").encode(), self.fsync)
         return folder
 
     def append_metrics(self, record: dict) -> None:
         with open(self / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def keep_metrics(self, count: int) -> None:
+        """Cut metrics.jsonl to its first `count` complete lines (a resumed session drops the
+        records of the step it replays)."""
+        path = self / METRICS
+        if not path.exists():
+            return
+        lines = path.read_bytes().split(b"\n")[:count]
+        atomic_write(path, b"".join(line + b"\n" for line in lines if line), self.fsync)
+
+    def stored_config(self) -> RunConfig | None:
+        """The config.yaml of a run stopped before its first checkpoint, if there is one."""
+        path = self / CONFIG
+        return RunConfig.from_dict(read_config(path)) if path.is_file() else None
 
 
 def read_config(path: str | Path) -> dict:

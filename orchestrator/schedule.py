@@ -3,8 +3,8 @@
 Block-coordinate descent over layers: one optimiser per (layer, method), each keeping its state
 across visits; a generation asks one optimiser for a population for its layer, the evaluator
 scores it with every other layer at its committed vector, and the accept rule decides what is
-committed. `ScheduleState` is all that evolves besides the optimisers; both go into every
-checkpoint, so a resumed run replays the identical trajectory. Phases, driven by the driver:
+committed. `ScheduleState` (state.py) is all that evolves besides the optimisers; both go into
+every checkpoint, so a resumed run replays the identical trajectory. Phases, driven by the driver:
 
     start  -> the zero adapter is scored (loss* on train, dev): `start(loss, dev)`
     search -> `ask()` a generation, the evaluator scores it, `tell()` accepts or not
@@ -27,87 +27,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.messages import EvalResult
 from common.seeding import derive_seed
 from common.tasks import task_spec
-from orchestrator.evaluation.interface import CandidateId, Evaluation
 from orchestrator.methods import methods, optimizer_options
 from orchestrator.optimizers import Optimizer, make_optimizer
-
-OptKey = tuple[int, str]  # (layer, method)
-
-
-@dataclass
-class Snapshot:
-    """An assembled state scored on dev; the best one is the run's final adapter."""
-
-    round: int | None  # the round after which it was scored; None: the zero adapter
-    evaluations: int
-    dev: dict
-    vectors: dict[int, np.ndarray]
-
-
-@dataclass
-class ScheduleState:
-    vectors: dict[int, np.ndarray]  # committed vector of every scheduled layer
-    phase: str = "start"
-    round: int = 0
-    position: int = 0  # index into the layer order
-    visit_generation: int = 0  # generations done in the current visit
-    generation: int = 0  # generations done in the run
-    round_generations: int = 0  # generations done in the current round
-    evaluations: int = 0
-    loss_star: float = math.inf
-    last_method: dict[int, str] = field(default_factory=dict)  # method of each layer's last visit
-    stop_reason: str | None = None
-    best_dev: Snapshot | None = None
-
-    def to_plain(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """(JSON-safe part, arrays): the checkpoint stores the first as JSON, the second as npz."""
-        plain = {k: getattr(self, k) for k in ("phase", "round", "position", "visit_generation",
-                                               "generation", "round_generations", "evaluations",
-                                               "loss_star", "stop_reason")}
-        plain["last_method"] = {str(k): v for k, v in self.last_method.items()}
-        arrays = {f"vector_{k}": v for k, v in self.vectors.items()}
-        snap = self.best_dev
-        if snap is not None:
-            plain["best_dev"] = {"round": snap.round, "evaluations": snap.evaluations,
-                                 "dev": snap.dev}
-            arrays.update({f"snapshot_{k}": v for k, v in snap.vectors.items()})
-        return plain, arrays
-
-    @classmethod
-    def from_plain(cls, plain: dict, arrays: dict[str, np.ndarray]) -> ScheduleState:
-        def vectors(prefix: str) -> dict[int, np.ndarray]:
-            return {int(k[len(prefix):]): np.array(v, dtype=np.float64)
-                    for k, v in arrays.items() if k.startswith(prefix)}
-
-        plain = dict(plain)
-        snap = plain.pop("best_dev", None)
-        state = cls(vectors=vectors("vector_"), **{k: v for k, v in plain.items()
-                                                   if k != "last_method"})
-        state.last_method = {int(k): v for k, v in plain["last_method"].items()}
-        if snap is not None:
-            state.best_dev = Snapshot(snap["round"], snap["evaluations"], snap["dev"],
-                                      vectors("snapshot_"))
-        return state
+from orchestrator.state import OptKey, ScheduleState, Snapshot
 
 
 @dataclass(frozen=True)
 class Generation:
-    """One population for one layer, as asked; `Z[i]` carries `ids[i]`."""
+    """One population for one layer, as asked: row i of `Z` is candidate i, and the evaluator's
+    result has one row per candidate, in the same order."""
 
     round: int
     layer: int
     method: str
     generation: int
     Z: np.ndarray
-    ids: tuple[CandidateId, ...]
 
 
 def layer_order(cfg: RunConfig, n_layers: int) -> tuple[int, ...]:
@@ -185,11 +128,9 @@ class Schedule:
         if not created and (switched or visit_start):
             opt.recenter(s.vectors[layer])  # start at the current vector (loss*)
         s.last_method[layer] = method
-        Z = opt.ask()
-        ids = tuple(CandidateId(s.round, layer, s.generation, i) for i in range(len(Z)))
-        return Generation(s.round, layer, method, s.generation, Z, ids)
+        return Generation(s.round, layer, method, s.generation, opt.ask())
 
-    def tell(self, gen: Generation, result: Evaluation,
+    def tell(self, gen: Generation, result: EvalResult,
              score_centre: Callable[[np.ndarray], float] | None = None,
              ) -> tuple[dict, np.ndarray | None]:
         """Tell the optimiser, apply the accept rule; returns (metrics record, vector to commit
@@ -334,7 +275,7 @@ class Schedule:
         s.vectors[gen.layer], s.loss_star = x, f
         return x.copy(), f
 
-    def _record(self, gen: Generation, result: Evaluation, opt: Optimizer,
+    def _record(self, gen: Generation, result: EvalResult, opt: Optimizer,
                 accepted: bool) -> dict:
         s, losses = self.state, result.losses
         finite = losses[np.isfinite(losses)]

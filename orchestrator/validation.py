@@ -1,12 +1,13 @@
 """Run settings checked before anything heavy happens.
 
-`validate_run(cfg)` is the first thing the driver does: an unknown optimiser or Nevergrad name
+`validate_run(cfg)` is how the driver checks a run's config, once, while it plans the run
+(orchestrator/driver.py): an unknown task, an unknown optimiser or Nevergrad name
 (`optimizer.name` too when `schedule.optimizers` overrides it; set to anything but the default,
 it then also warns that it has no effect), popsize < 2, sigma0 <= 0, a budget smaller than one
 generation or an option an optimiser does not take fails here, with the offending value in the
-message, before a model is loaded. It imports no torch (the optimiser registry is plain numpy;
-Nevergrad is imported only for its names). What the optimisers are and their settings:
-orchestrator/methods.py.
+message, before a model is loaded or the run folder is made. It imports no torch (the
+optimiser registry is plain numpy; Nevergrad is imported only for its names). What the
+optimisers are and their settings: orchestrator/methods.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import warnings
 
 from common.config import OptimizerConfig, RunConfig
 from common.errors import ConfigError
+from common.tasks import task_spec
 from orchestrator.methods import methods, optimizer_options
 from orchestrator.optimizers import (
     OptimizerError,
@@ -30,6 +32,7 @@ __all__ = ["methods", "optimizer_options", "validate_run"]  # the first two: orc
 def validate_run(cfg: RunConfig) -> None:
     """Raise ConfigError or OptimizerError (both DfoloraError) for settings that cannot run."""
     cfg.validate()
+    task_spec(cfg.task)  # a known task, or a custom one with every key it needs
     names = methods(cfg)
     for name in names:
         validate_settings(name, cfg.optimizer.popsize, cfg.optimizer.sigma0)
@@ -58,6 +61,7 @@ def _check_overridden_name(name: str, names: tuple[str, ...]) -> None:
     except OptimizerError as err:
         raise OptimizerError(f"optimizer.name: {err}") from None
     if name != OptimizerConfig.name:
-        # stacklevel 1: one place, so the CLI (which validates twice) shows it once
+        # stacklevel 1: one place, so a process that validates twice (a sweep, then its runs)
+        # shows it once
         warnings.warn(f"optimizer.name {name!r} has no effect: schedule.optimizers "
                       f"[{', '.join(names)}] decides the optimisers", stacklevel=1)

@@ -7,8 +7,3 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test modules import Ray before any local cluster starts, and Ray reads this once, on import:
 # without it init_ray refuses to start a local cluster (orchestrator/evaluation/pool.py).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-
-# Plots take about a second per run; the CLI test checks them (orchestrator/plots.py).
-import orchestrator.plots  # noqa: E402
-
-orchestrator.plots.ENABLED = False

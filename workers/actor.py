@@ -13,6 +13,7 @@ import ray
 import torch
 
 from common.config import RunConfig
+from common.messages import Diagnostics, EvalResult
 from common.shards import BatchTerms
 from workers.worker import EvalWorker, combine_scores
 
@@ -36,23 +37,20 @@ class ActorShell:
     def commit(self, layer: int, z: np.ndarray) -> None:
         self.worker.commit(layer, z)
 
-    def evaluate(self, layer: int, start: int, Z: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-        result = self.worker.evaluate(layer, Z)
-        return start, result.losses, result.accuracies
+    def evaluate(self, layer: int, Z: np.ndarray) -> EvalResult:
+        """The chunk's losses and accuracies, row i for Z[i] (the dispatcher knows where the
+        chunk goes)."""
+        return self.worker.evaluate(layer, Z)
+
+    def evaluate_shard(self, layer: int, Z: np.ndarray, shard: tuple[int, int]) -> BatchTerms:
+        """Per-batch loss terms of the chunk on example shard i of n (common/shards.py)."""
+        return self.worker.batch_terms(layer, Z, shard)
 
     def committed_loss(self, layer: int) -> float:
         return float(self.worker.committed_loss(layer).losses[0])
 
-    def stack_cap(self) -> int | None:
-        return self.worker.stack_cap
-
     def limit_stack(self, cap: int) -> None:
         self.worker.limit_stack(cap)
-
-    def evaluate_shard(self, layer: int, start: int, Z: np.ndarray,
-                       shard: tuple[int, int]) -> tuple[int, BatchTerms]:
-        """Per-batch loss terms of the chunk on example shard i of n (common/shards.py)."""
-        return start, self.worker.batch_terms(layer, Z, shard)
 
     def predict(self, split: str, shard: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         return self.worker.predict(split, shard)
@@ -60,14 +58,15 @@ class ActorShell:
     def combine(self, *parts: tuple[np.ndarray, np.ndarray]) -> dict:
         return combine_scores(list(parts), self.worker.cfg)
 
-    def delta_norms(self) -> list[dict]:
-        return self.worker.delta_norms()
+    def diagnostics(self, delta_norms: bool = False) -> Diagnostics:
+        """This actor's peak memory and stack cap (and delta norms, when asked); the Ray
+        evaluator combines those of its actors."""
+        w = self.worker
+        return Diagnostics(peak_memory_mb=w.peak_memory_mb(), stack_cap=w.stack_cap,
+                           delta_norms=w.delta_norms() if delta_norms else [])
 
     def adapter(self) -> tuple[dict, dict]:
         return self.worker.peft_adapter()
-
-    def peak_memory_mb(self) -> float:
-        return self.worker.peak_memory_mb()
 
     def pid(self) -> int:
         import os

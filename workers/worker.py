@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from common.config import RunConfig
 from common.data import Splits
 from common.errors import DfoloraError
 from common.memory import peak_memory_mb
+from common.messages import EvalResult
 from common.shards import BatchTerms, combine_batches, shard_range
 from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
@@ -43,12 +43,6 @@ from workers.projection import (
 )
 from workers.scoring import classification_metrics, example_losses
 from workers.selfcheck import self_check
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    losses: np.ndarray  # (C,) mean training loss per candidate
-    accuracies: np.ndarray  # (C,) training accuracy per candidate
 
 
 def load_splits(cfg: RunConfig) -> Splits:

@@ -6,6 +6,6 @@ actors) and `dispatch.py` (a population's chunks). Only the interface is importe
 torch nor Ray is loaded until an evaluator is built.
 """
 
-from .interface import CandidateId, Evaluation, Evaluator, check_evaluation
+from .interface import Diagnostics, EvalResult, Evaluator, EvaluatorInfo
 
-__all__ = ["CandidateId", "Evaluation", "Evaluator", "check_evaluation"]
+__all__ = ["Diagnostics", "EvalResult", "Evaluator", "EvaluatorInfo"]

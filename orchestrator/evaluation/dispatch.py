@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 
 from common.errors import DfoloraError
+from common.messages import EvalResult
 from common.shards import BatchTerms, combine_batches
 
-from .interface import Evaluation
 from .pool import MAX_LOSSES, ActorPool, raised_by_code, task_failure
 
 Chunk = tuple[int, int]  # candidates [start, stop)
@@ -125,7 +125,7 @@ class Generation:
         self.lost: Counter[Piece] = Counter()
         self.backups = 0  # copies started
 
-    def run(self) -> Evaluation:
+    def run(self) -> EvalResult:
         pool = self.pool
         while self.todo:
             self._dispatch()
@@ -147,7 +147,7 @@ class Generation:
         pool.await_starts()
         if self.shards > 1:
             self.losses, self.accs = combine_batches(self.terms)
-        return Evaluation(self.losses, self.accs)
+        return EvalResult(self.losses, self.accs)
 
     def _dispatch(self) -> None:
         for chunk in list(self.queue):
@@ -177,9 +177,9 @@ class Generation:
         self.idle.remove(actor)
         start, stop, shard = chunk
         if self.shards == 1:
-            ref = actor.evaluate.remote(self.layer, start, self.Z[start:stop])
+            ref = actor.evaluate.remote(self.layer, self.Z[start:stop])
         else:
-            ref = actor.evaluate_shard.remote(self.layer, start, self.Z[start:stop],
+            ref = actor.evaluate_shard.remote(self.layer, self.Z[start:stop],
                                               (shard, self.shards))
         self.running[ref] = (actor, chunk, time.monotonic())
 
@@ -237,14 +237,16 @@ class Generation:
             return
         self.todo.remove(chunk)
         start, stop = chunk[:2]
-        if self.shards == 1:
-            self.losses[start:stop], self.accs[start:stop] = answer[1], answer[2]
+        if self.shards == 1:  # an EvalResult of the chunk's rows (workers/actor.py)
+            self.losses[start:stop] = answer.losses
+            if answer.accuracies is not None:
+                self.accs[start:stop] = answer.accuracies
             return
-        part = answer[1]  # BatchTerms of the shard's batches (workers/actor.py)
-        rows = slice(part.first, part.first + len(part.counts))
-        self.terms.loss_sums[rows, start:stop] = part.loss_sums
-        self.terms.hits[rows, start:stop] = part.hits
-        self.terms.counts[rows] = part.counts
+        # BatchTerms of the shard's batches (workers/actor.py)
+        rows = slice(answer.first, answer.first + len(answer.counts))
+        self.terms.loss_sums[rows, start:stop] = answer.loss_sums
+        self.terms.hits[rows, start:stop] = answer.hits
+        self.terms.counts[rows] = answer.counts
 
     def _raised(self, chunk: Piece, actor, err) -> None:
         if chunk not in self.todo:  # a losing copy: its answer is not needed

@@ -10,16 +10,14 @@ imported, so the driver stays torch-free until a model is actually needed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.config import RunConfig
-from common.errors import DfoloraError
 
-from .interface import CandidateId, Evaluation, Evaluator
+from .interface import Diagnostics, EvalResult, Evaluator, EvaluatorInfo
 
 
 class LocalEvaluator(Evaluator):
@@ -30,21 +28,15 @@ class LocalEvaluator(Evaluator):
                  splits: Any = None) -> None:
         from workers.worker import EvalWorker
 
-        self.worker = EvalWorker(cfg, stats=stats, loaded=loaded, splits=splits)
+        self.worker = w = EvalWorker(cfg, stats=stats, loaded=loaded, splits=splits)
+        self._info = EvaluatorInfo(w.n_layers, w.dim, w.rescore, w.calibration_stats())
 
     @property
-    def n_layers(self) -> int:
-        return self.worker.n_layers
+    def info(self) -> EvaluatorInfo:
+        return self._info
 
-    @property
-    def dim(self) -> int:
-        return self.worker.dim
-
-    def evaluate(self, layer: int, Z: np.ndarray, ids: Sequence[CandidateId]) -> Evaluation:
-        if len(ids) != len(Z):
-            raise DfoloraError(f"{len(ids)} candidate ids for a population of {len(Z)}")
-        result = self.worker.evaluate(layer, Z)
-        return Evaluation(result.losses, result.accuracies)
+    def evaluate(self, layer: int, Z: np.ndarray) -> EvalResult:
+        return self.worker.evaluate(layer, Z)
 
     def commit(self, layer: int, z: np.ndarray) -> None:
         self.worker.commit(layer, z)
@@ -52,30 +44,19 @@ class LocalEvaluator(Evaluator):
     def score(self, split: str) -> dict:
         return self.worker.score(split)
 
-    def delta_norms(self) -> list[dict]:
-        return self.worker.delta_norms()
-
-    @property
-    def rescores_commits(self) -> bool:
-        return self.worker.rescore
-
     def committed_loss(self, layer: int) -> float:
         return float(self.worker.committed_loss(layer).losses[0])
 
-    def stack_cap(self) -> int | None:
-        return self.worker.stack_cap
+    def diagnostics(self, delta_norms: bool = False) -> Diagnostics:
+        w = self.worker
+        return Diagnostics(peak_memory_mb=w.peak_memory_mb(), stack_cap=w.stack_cap,
+                           delta_norms=w.delta_norms() if delta_norms else [])
 
     def limit_stack(self, cap: int) -> None:
         self.worker.limit_stack(cap)
 
     def adapter(self) -> tuple[dict, dict]:
         return self.worker.peft_adapter()
-
-    def peak_memory_mb(self) -> float:
-        return self.worker.peak_memory_mb()
-
-    def setup(self) -> dict:
-        return {"calibration": self.worker.calibration_stats()}
 
 
 # -- the other commands' work, in this process (orchestrator/commands.py) ----------------------

@@ -2,24 +2,22 @@
 
 `RayEvaluator` composes an `ActorPool` (pool.py: connecting to Ray, starting, joining and
 replacing actors, broadcasting commits) and a `Generation` per population (dispatch.py: fixed
-index chunks, pull-based dispatch, gather in place, faults). Scoring a split, the delta norms,
-the adapter and the peak memory are calls on the pool's live actors. `init_ray` and
+index chunks, pull-based dispatch, gather in place, faults). Scoring a split, the committed
+loss, the diagnostics and the adapter are calls on the pool's live actors. `init_ray` and
 `auto_actors` are importable from here too.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from common.config import RunConfig
-from common.errors import DfoloraError
 
 from .dispatch import Chunk, Generation, chunks, example_shards, pieces
-from .interface import CandidateId, Evaluation, Evaluator
+from .interface import Diagnostics, EvalResult, Evaluator, EvaluatorInfo
 from .pool import START_TIMEOUT_S, ActorPool, auto_actors, init_ray
 
 __all__ = ["RayEvaluator", "auto_actors", "init_ray"]
@@ -59,8 +57,8 @@ class RayEvaluator(Evaluator):
                               resources={"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor})
         self._cap: int | None = None  # stack cap every actor, replacements too, scores with
         info = self.pool.start(num_actors, stats)
-        self._n_layers, self._dim = info["n_layers"], info["dim"]
-        self._rescore = bool(info.get("rescore", False))
+        self._info = EvaluatorInfo(info["n_layers"], info["dim"],
+                                   bool(info.get("rescore", False)), self.pool.stats)
         # an actor that does not say (a test's stand-in) is never sharded
         self.train_batches = info.get("train_batches", 1)
 
@@ -107,19 +105,8 @@ class RayEvaluator(Evaluator):
     # -- the Evaluator interface ----------------------------------------------------------------
 
     @property
-    def n_layers(self) -> int:
-        return self._n_layers
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def parallelism(self) -> int:
-        return len(self.pool.actors)
-
-    def setup(self) -> dict:
-        return {"calibration": self.pool.stats}
+    def info(self) -> EvaluatorInfo:
+        return self._info
 
     def _chunks(self, n: int) -> list[Chunk]:
         """This evaluator's chunks of a population of n (dispatch.chunks)."""
@@ -130,9 +117,7 @@ class RayEvaluator(Evaluator):
         return example_shards(self.example_shards, self.num_actors, len(self._chunks(n)),
                               self.train_batches)
 
-    def evaluate(self, layer: int, Z: np.ndarray, ids: Sequence[CandidateId]) -> Evaluation:
-        if len(ids) != len(Z):
-            raise DfoloraError(f"{len(ids)} candidate ids for a population of {len(Z)}")
+    def evaluate(self, layer: int, Z: np.ndarray) -> EvalResult:
         shards = self.shards(len(Z))
         generation = Generation(self.pool, layer, Z, pieces(self._chunks(len(Z)), shards),
                                 self.deadline, self.backup_chunks, shards, self.train_batches)
@@ -155,31 +140,31 @@ class RayEvaluator(Evaluator):
 
         return pool.on_live_actors(call, f"scoring {split}")
 
-    def _on_first(self, method: str, what: str) -> Any:
-        pool = self.pool
-        return pool.on_live_actors(
-            lambda: pool.ray.get(getattr(pool.actors[0], method).remote()), what)
-
-    def delta_norms(self) -> list[dict]:
-        return self._on_first("delta_norms", "delta_norms")
-
-    @property
-    def rescores_commits(self) -> bool:
-        return self._rescore
-
     def committed_loss(self, layer: int) -> float:
         """On one actor: every actor holds the same merged weights, so any gives these bits."""
         pool = self.pool
         return pool.on_live_actors(
             lambda: pool.ray.get(pool.actors[0].committed_loss.remote(layer)), "committed_loss")
 
-    def stack_cap(self) -> int | None:
-        """The smallest stack cap among the free actors (None: none has halved)."""
+    def diagnostics(self, delta_norms: bool = False) -> Diagnostics:
+        """Over the live actors (one model replica each) that are not draining: the largest
+        peak memory and the smallest stack cap. Asked after every step, it must not wait for a
+        losing backup copy; the driver keeps the maximum peak over steps, and the final scores
+        wait for every actor. Delta norms, when asked, from the first actor (every actor holds
+        the same committed state)."""
         pool = self.pool
-        caps = pool.on_live_actors(
-            lambda: pool.ray.get([a.stack_cap.remote() for a in pool.free()]), "stack_cap")
-        caps = [c for c in caps if c is not None]
-        return min(caps) if caps else None
+
+        def call() -> tuple[list[Diagnostics], list[dict]]:
+            reports = pool.ray.get([a.diagnostics.remote() for a in pool.free()])
+            norms = (pool.ray.get(pool.actors[0].diagnostics.remote(True)).delta_norms
+                     if delta_norms else [])
+            return reports, norms
+
+        reports, norms = pool.on_live_actors(call, "diagnostics")
+        peaks = [r.peak_memory_mb for r in reports if r.peak_memory_mb is not None]
+        caps = [r.stack_cap for r in reports if r.stack_cap is not None]
+        return Diagnostics(parallelism=len(pool.actors), peak_memory_mb=max(peaks, default=None),
+                           stack_cap=min(caps, default=None), delta_norms=norms)
 
     def limit_stack(self, cap: int) -> None:
         """Every actor, the starting ones and future replacements too, scores with `cap`."""
@@ -189,19 +174,9 @@ class RayEvaluator(Evaluator):
         self.pool.broadcast("limit_stack", self._cap)
 
     def adapter(self) -> tuple[dict, dict]:
-        return self._on_first("adapter", "adapter export")
-
-    def peak_memory_mb(self) -> float | None:
-        """The largest peak over the live actors (one model replica each) that are not
-        draining: asked after every step, it must not wait for a losing backup copy. The
-        driver keeps the maximum over steps, and the final scores wait for every actor."""
         pool = self.pool
-
-        def call() -> list:
-            return pool.ray.get([a.peak_memory_mb.remote() for a in pool.free()])
-
-        peaks = pool.on_live_actors(call, "peak_memory_mb")
-        return max(peaks) if peaks else None
+        return pool.on_live_actors(lambda: pool.ray.get(pool.actors[0].adapter.remote()),
+                                   "adapter export")
 
     def close(self) -> None:
         self.pool.close()

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from runs import run
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from common.config import RunConfig
-from orchestrator import checkpoint
-from orchestrator.driver import run
 from orchestrator.evaluation.local import LocalEvaluator
 from workers.models import LoadedModel, prepare
 from workers.scoring import example_losses
@@ -106,8 +105,7 @@ def test_a_zero_candidate_scores_the_committed_model():
     assert w.evaluate(1, np.zeros((1, w.dim))).losses[0] == full_forward_loss(w)
 
 
-def test_bf16_run_on_cuda_records_the_committed_models_loss(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "FSYNC", False)
+def test_bf16_run_on_cuda_records_the_committed_models_loss(tmp_path):
     cfg = RunConfig.from_dict(TINY)
     ev = LocalEvaluator(cfg, loaded=on_cuda(), splits=tiny.splits())
     full = run(cfg, tmp_path / "full", evaluator=ev)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig
-from orchestrator.evaluation.interface import CandidateId
+from common.messages import EvalResult
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration
@@ -36,19 +36,19 @@ class SlowShell:
     def slow(self, factor: float) -> None:
         self.factor = factor
 
-    def arm(self, start: int) -> None:
-        """Die (SIGKILL) when asked to score the chunk starting at `start`."""
-        self.fatal = start
+    def arm(self, first_row) -> None:
+        """Die (SIGKILL) when asked to score the chunk whose first row is `first_row`."""
+        self.fatal = np.asarray(first_row)
 
     def commit(self, layer, z) -> None:
         self.committed[layer] = np.array(z)
 
-    def evaluate(self, layer, start, Z):
-        if start == self.fatal:
+    def evaluate(self, layer, Z):
+        if self.fatal is not None and np.array_equal(Z[0], self.fatal):
             os.kill(os.getpid(), signal.SIGKILL)
         base = sum(float(z @ z) for k, z in self.committed.items() if k != layer)
         time.sleep(COST * self.factor * len(Z))
-        return start, np.einsum("ij,ij->i", Z, Z) + base, np.full(len(Z), float(os.getpid()))
+        return EvalResult(np.einsum("ij,ij->i", Z, Z) + base, np.full(len(Z), float(os.getpid())))
 
     def pid(self) -> int:
         return os.getpid()
@@ -87,7 +87,7 @@ def expected(Z, committed=()):
 
 def evaluate(ev, Z, layer=0):
     began = time.monotonic()
-    result = ev.evaluate(layer, Z, [CandidateId(0, layer, 0, i) for i in range(len(Z))])
+    result = ev.evaluate(layer, Z)
     return result, time.monotonic() - began
 
 
@@ -141,9 +141,9 @@ def test_an_actor_lost_during_a_backup_recovers(ev):
     """Every actor that copies chunk 0 dies: the original answers (or a replacement's copy).
     Then a straggler dies while draining: the next generation replaces it, losing nothing."""
     straggle(ev)
-    for actor in ev.actors[1:]:
-        ray.get(actor.arm.remote(0))
     Z = population(3)
+    for actor in ev.actors[1:]:
+        ray.get(actor.arm.remote(Z[0]))  # chunk 0
     result, _ = evaluate(ev, Z)
     np.testing.assert_array_equal(result.losses, expected(Z))
     assert ev.replacements == 2 and len(ev.actors) == 3

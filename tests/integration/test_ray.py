@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from runs import run
 
 from common.config import RunConfig
-from orchestrator.driver import run
-from orchestrator.evaluation.interface import CandidateId
 from orchestrator.evaluation.local import LocalEvaluator
 
 ray = pytest.importorskip("ray")
@@ -22,10 +21,6 @@ CFG = RunConfig.from_dict({
     "eval": {"train_batch_size": 4},
     "schedule": {"layers": [2, 1], "optimizers": ["cma", "fwa"]},
 })
-
-
-def ids(layer, n):
-    return [CandidateId(0, layer, 0, i) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +57,12 @@ def test_distributed_losses_equal_in_process(cluster):
     remote = make_ray(chunk_size=3)
     local = make_local(remote.stats)
     try:
-        z = np.random.default_rng(0).standard_normal((10, remote.dim))
+        z = np.random.default_rng(0).standard_normal((10, remote.info.dim))
         for ev in (remote, local):  # a searched layer (the worker refuses others)
             ev.commit(2, z[0])
         for layer in (1, 2):
-            a = remote.evaluate(layer, z, ids(layer, 10)).losses
-            b = local.evaluate(layer, z, ids(layer, 10)).losses
+            a = remote.evaluate(layer, z).losses
+            b = local.evaluate(layer, z).losses
             np.testing.assert_allclose(a, b, rtol=1e-6)
         assert remote.score("test")["accuracy"] == local.score("test")["accuracy"]
     finally:
@@ -94,12 +89,12 @@ def test_example_shards_give_the_in_process_bits(cluster):
     local = make_local(remote.stats)
     try:
         assert remote.train_batches == 2 and remote.shards(10) == 2
-        z = np.random.default_rng(2).standard_normal((10, remote.dim))
+        z = np.random.default_rng(2).standard_normal((10, remote.info.dim))
         for ev in (remote, local):
             ev.commit(2, z[0])
         for layer in (1, 2):
-            a = remote.evaluate(layer, z, ids(layer, 10))
-            b = local.evaluate(layer, z, ids(layer, 10))
+            a = remote.evaluate(layer, z)
+            b = local.evaluate(layer, z)
             np.testing.assert_array_equal(a.losses, b.losses)
             np.testing.assert_array_equal(a.accuracies, b.accuracies)
     finally:
@@ -136,9 +131,9 @@ def test_actor_killed_mid_generation_loses_nothing(cluster, how):
     remote = make_ray(chunk_size=1, deadline_s=60)
     try:
         n = 200  # long enough that the kill lands mid-generation
-        z = np.random.default_rng(1).standard_normal((n, remote.dim))
+        z = np.random.default_rng(1).standard_normal((n, remote.info.dim))
         remote.commit(2, z[5])
-        undisturbed = remote.evaluate(1, z, ids(1, n)).losses
+        undisturbed = remote.evaluate(1, z).losses
         victim = remote.actors[1]
         pid = ray.get(victim.pid.remote())
 
@@ -154,18 +149,17 @@ def test_actor_killed_mid_generation_loses_nothing(cluster, how):
 
         killer = threading.Thread(target=kill)
         killer.start()
-        disturbed = remote.evaluate(1, z, ids(1, n)).losses
+        disturbed = remote.evaluate(1, z).losses
         finished = time.monotonic()
         killer.join()
         assert killed[0] < finished, "the kill came after the generation: make it longer"
         np.testing.assert_array_equal(disturbed, undisturbed)
         assert remote.replacements >= 1 and len(remote.actors) == 2
         # the replacement holds the committed state: it scores like the others
-        again = remote.evaluate(1, z, ids(1, n)).losses
+        again = remote.evaluate(1, z).losses
         np.testing.assert_array_equal(again, undisturbed)
     finally:
         remote.close()
-
 
 
 def test_cluster_config_is_validated():
@@ -181,7 +175,7 @@ def test_auto_actor_count_on_the_local_cluster(cluster):
     ev = make_ray(num_actors=-1)
     try:
         assert len(ev.actors) == ev.num_actors == 1 and ev.pool.resources["num_cpus"] == 2.0
-        z = np.zeros((3, ev.dim))
-        assert np.isfinite(ev.evaluate(1, z, ids(1, 3)).losses).all()
+        z = np.zeros((3, ev.info.dim))
+        assert np.isfinite(ev.evaluate(1, z).losses).all()
     finally:
         ev.close()

@@ -16,16 +16,17 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny
+from runs import run
 
 from common.config import RunConfig
 from common.errors import DfoloraError
-from orchestrator.driver import run
-from orchestrator.evaluation.interface import CandidateId
+from common.messages import EvalResult
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration
@@ -67,9 +68,10 @@ class FaultyShell(ActorShell):
         super().__init__(cfg, stats, threads, loaded, splits)
         self.folder, self.faults, self.every = Path(folder), faults or {}, every
 
-    def evaluate(self, layer, start, Z):
-        result = super().evaluate(layer, start, Z)  # the worker's own checks come first
-        call = next_call(self.folder, f"start={start}")
+    def evaluate(self, layer, Z):
+        result = super().evaluate(layer, Z)  # the worker's own checks come first
+        rows = zlib.crc32(np.ascontiguousarray(Z).tobytes())  # which chunk: its rows
+        call = next_call(self.folder, f"rows={rows:08x}")
         fault = self.faults.get(call, self.every)
         if fault == "sigkill":  # the scoring is done, and lost with the process
             os.kill(os.getpid(), signal.SIGKILL)
@@ -92,8 +94,8 @@ class LightShell:
     def commit(self, layer, z) -> None:
         pass
 
-    def evaluate(self, layer, start, Z):
-        return start, np.einsum("ij,ij->i", Z, Z), np.zeros(len(Z))
+    def evaluate(self, layer, Z):
+        return EvalResult(np.einsum("ij,ij->i", Z, Z), np.zeros(len(Z)))
 
     def pid(self) -> int:
         return os.getpid()
@@ -173,10 +175,6 @@ def same_scores(a: dict, b: dict) -> bool:
     return a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-def ids(layer, n):
-    return [CandidateId(0, layer, 0, i) for i in range(n)]
-
-
 # -- (a) SIGKILL mid-generation, three times in one run ---------------------------------------
 
 def test_three_sigkills_in_one_run_change_nothing(cluster, reference, folder, tmp_path):
@@ -234,14 +232,14 @@ def test_an_exception_on_every_actor_stops_with_one_clear_error(cluster, referen
     _, stats = reference
     remote = make_faulty(folder, stats, every="raise")
     try:
-        dim = remote.dim
+        dim = remote.info.dim
         with pytest.raises(DfoloraError) as err:  # the worker's own check: at once, no retry
-            remote.evaluate(1, np.zeros((2, dim + 4)), ids(1, 2))
+            remote.evaluate(1, np.zeros((2, dim + 4)))
         assert f"{dim + 4})" in str(err.value) and "\n" not in str(err.value)
         assert not (folder / "log").exists()  # raised before any fault, and not retried
         z = np.random.default_rng(0).standard_normal((8, dim))
         with pytest.raises(DfoloraError) as err:
-            remote.evaluate(1, z, ids(1, 8))
+            remote.evaluate(1, z)
         message = str(err.value)
         assert "raised twice" in message and "RuntimeError: injected fault" in message
         assert "\n" not in message
@@ -293,17 +291,17 @@ def test_replacement_without_resources(cluster):
     blockers = []
     try:
         ev.start_timeout = 3
-        z = np.random.default_rng(0).standard_normal((6, ev.dim))
+        z = np.random.default_rng(0).standard_normal((6, ev.info.dim))
         expected = np.einsum("ij,ij->i", z, z)
         for survivors in (1, 0):
             ray.kill(ev.actors[-1], no_restart=True)
             blockers.append(Blocker.remote())  # takes the dead actor's CPU
             ray.get(blockers[-1].ready.remote(), timeout=120)
             if survivors:
-                np.testing.assert_array_equal(ev.evaluate(0, z, ids(0, 6)).losses, expected)
+                np.testing.assert_array_equal(ev.evaluate(0, z).losses, expected)
             else:
                 with pytest.raises(DfoloraError, match="no Ray actor is left"):
-                    ev.evaluate(0, z, ids(0, 6))
+                    ev.evaluate(0, z)
             assert len(ev.actors) == survivors and ev.replacements == 0
             assert "did not start within 3 s" in ev.start_failures[-1]
     finally:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.evaluation import Evaluation, Evaluator
+from orchestrator.evaluation import Diagnostics, EvalResult, Evaluator, EvaluatorInfo
 
 
 class LayeredQuadratic(Evaluator):
     def __init__(self, n_layers: int = 4, dim: int = 8, coupling: float = 0.4, seed: int = 0,
                  dev_shift: float = 0.3, nan_rows: tuple[int, ...] = ()) -> None:
         rng = np.random.default_rng(seed)
-        self._n_layers, self._dim = n_layers, dim
+        self.n_layers, self.dim = n_layers, dim
         size = n_layers * dim
         self.M = np.eye(size)
         for layer in range(n_layers - 1):  # coupling of each layer with the next
@@ -31,32 +31,27 @@ class LayeredQuadratic(Evaluator):
                         "dev": target + dev_shift * rng.standard_normal(size),
                         "test": target + dev_shift * rng.standard_normal(size)}
         self.z = np.zeros((n_layers, dim))
-        self.nan_rows = nan_rows  # candidate rows returned as NaN (fwa: row 0 may be the centre)
-        self.calls: list[dict] = []  # every evaluate(): layer, ids, Z, committed state
+        # rows of a population (not the single reference row of loss* or a centre) returned
+        # as NaN
+        self.nan_rows = nan_rows
+        self.calls: list[dict] = []  # every evaluate(): layer, Z, committed state
 
     @property
-    def n_layers(self) -> int:
-        return self._n_layers
-
-    @property
-    def dim(self) -> int:
-        return self._dim
+    def info(self) -> EvaluatorInfo:
+        return EvaluatorInfo(self.n_layers, self.dim)
 
     def _loss(self, Z_all: np.ndarray, split: str) -> np.ndarray:
         r = (Z_all - self.targets[split]) @ self.M.T
         return (r**2).sum(axis=1) / Z_all.shape[1]
 
-    def evaluate(self, layer, Z, ids):
-        assert len(ids) == len(Z) and all(i.layer == layer and i.index == n
-                                          for n, i in enumerate(ids))
-        self.calls.append({"layer": layer, "ids": list(ids), "Z": Z.copy(),
-                           "committed": self.z.copy()})
+    def evaluate(self, layer, Z):
+        self.calls.append({"layer": layer, "Z": Z.copy(), "committed": self.z.copy()})
         Z_all = np.repeat(self.z.reshape(1, -1), len(Z), axis=0)
         Z_all[:, layer * self.dim:(layer + 1) * self.dim] = Z
         losses = self._loss(Z_all, "train")
-        if ids[0].generation >= 0:  # not the reference evaluation of loss*
+        if len(Z) > 1:  # a population
             losses[[r for r in self.nan_rows if r < len(Z)]] = np.nan
-        return Evaluation(losses, np.exp(-losses))
+        return EvalResult(losses, np.exp(-losses))
 
     def commit(self, layer, z):
         self.z[layer] = z
@@ -66,6 +61,7 @@ class LayeredQuadratic(Evaluator):
         accuracy = round(32 * np.exp(-loss)) / 32
         return {"loss": loss, "accuracy": accuracy, "f1": accuracy, "n": 32}
 
-    def delta_norms(self):
-        return [{"layer": k, "norm": float(np.linalg.norm(self.z[k]))}
-                for k in range(self.n_layers)]
+    def diagnostics(self, delta_norms=False):
+        norms = [{"layer": k, "norm": float(np.linalg.norm(self.z[k]))}
+                 for k in range(self.n_layers)] if delta_norms else []
+        return Diagnostics(delta_norms=norms)

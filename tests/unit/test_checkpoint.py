@@ -17,18 +17,12 @@ import pytest
 import tiny
 import yaml
 from layered import LayeredQuadratic
+from runs import run
 
 from common.config import RunConfig
 from common.errors import ConfigError
 from orchestrator import checkpoint
 from orchestrator.checkpoint import CheckpointError, CheckpointStore, CheckpointWarning
-from orchestrator.driver import run
-
-
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch):
-    monkeypatch.setattr(checkpoint, "FSYNC", False)  # durability is not under test here
-
 
 CASES = {
     "cma": {"optimizers": ["cma"]},
@@ -254,6 +248,22 @@ def test_entries_of_the_older_format_load_unverified(tmp_path):
     assert trajectory(resumed) == trajectory(full)
 
 
+def test_a_log_without_later_keys_resumes(tmp_path):
+    """An entry written before the log had peak_memory_mb (and without checksums) resumes."""
+    cfg = config(**CASES["cma-fwa-xbest"])
+    full, folder, store = interrupted(tmp_path, cfg)
+    for s in (1, 2):
+        entry = json.loads((store / f"ckpt-{s:06d}.json").read_text())
+        del entry["log"]["peak_memory_mb"]
+        (store / f"ckpt-{s:06d}.json").write_text(json.dumps({**entry, "format": 1}))
+        (store / f"ckpt-{s:06d}.sha256").unlink()
+    with pytest.warns(CheckpointWarning, match="has no checksums"):
+        resumed = run(None, folder, evaluator=LayeredQuadratic(), resume=True)
+    assert trajectory(resumed) == trajectory(full)
+    assert CheckpointStore(store).load().payload["log"].keys() == {
+        "metrics", "dev", "zero_shot", "final", "seconds", "emitted", "peak_memory_mb"}
+
+
 def test_a_kill_after_the_last_checkpoint_loses_no_output(tmp_path):
     cfg = config(budget=30)
     run(cfg, tmp_path, evaluator=LayeredQuadratic())
@@ -282,12 +292,12 @@ def test_a_crash_at_any_write_of_a_save_loses_at_most_a_step(tmp_path, monkeypat
         shutil.copytree(base, folder)
         calls = []
 
-        def crashing(path, data, calls=calls, k=k):
+        def crashing(path, data, fsync=True, calls=calls, k=k):
             calls.append(path.name)
             if len(calls) > k:  # dies mid-write, leaving a partial temporary file behind
                 path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
                 raise Crash(path.name)
-            write(path, data)
+            write(path, data, fsync)
 
         monkeypatch.setattr(checkpoint, "atomic_write", crashing)
         with pytest.warns(CheckpointWarning):

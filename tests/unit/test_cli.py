@@ -142,9 +142,7 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path, monkeypatch, capsys):
     """A whole `dfolora run` on the synthetic layered objective (no model): every file, then
     `--resume` of a finished run is a no-op that reports the same results."""
     import orchestrator.driver as driver
-    import orchestrator.plots as plots
 
-    monkeypatch.setattr(plots, "ENABLED", True)
     monkeypatch.setattr(driver, "build_evaluator", lambda cfg, stats: LayeredQuadratic())
     out = tmp_path / "run"
     args = ["run", "--set", "budget=60", "--set", "adapter.dim=8", "--set", "optimizer.popsize=6",
@@ -181,9 +179,7 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path, monkeypatch, capsys):
 
 def test_resume_with_a_changed_config_needs_force(tmp_path, monkeypatch, capsys):
     import orchestrator.driver as driver
-    from orchestrator import checkpoint
 
-    monkeypatch.setattr(checkpoint, "FSYNC", False)
     monkeypatch.setattr(driver, "build_evaluator", lambda cfg, stats: LayeredQuadratic())
     sets = ["adapter.dim=8", "optimizer.popsize=6", "seed=5"]
     out = tmp_path / "run"

@@ -43,13 +43,12 @@ def test_chunk_makespan_counts_rounds_of_chunks(bench):
 
 def test_every_candidate_gets_its_own_loss(bench, cluster):
     from common.config import RunConfig
-    from orchestrator.evaluation.interface import CandidateId
 
     ev = bench.RayEvaluator(RunConfig.from_dict({}), num_actors=2, cpus_per_actor=0,
                             chunk_size=3, actor_cls=bench.SimActor, actor_args={"cost": 0.001})
     try:
-        Z = np.random.default_rng(0).standard_normal((8, ev.dim))
-        result = ev.evaluate(0, Z, [CandidateId(0, 0, 0, i) for i in range(8)])
+        Z = np.random.default_rng(0).standard_normal((8, ev.info.dim))
+        result = ev.evaluate(0, Z)
         np.testing.assert_array_equal(result.losses, bench.expected_losses(Z))
     finally:
         ev.close()

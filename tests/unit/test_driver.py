@@ -10,22 +10,16 @@ from pathlib import Path
 
 import pytest
 from layered import LayeredQuadratic
+from runs import run
 
 from common.config import RunConfig
 from common.errors import ConfigError, DfoloraError
-from orchestrator import checkpoint
-from orchestrator.driver import run
-from orchestrator.evaluation import Evaluation, local
+from orchestrator.evaluation import EvalResult, local
 from orchestrator.optimizers import OptimizerError
 from orchestrator.reporting import fan_out, jsonl_reporter, progress_reporter
 from orchestrator.validation import validate_run
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch):
-    monkeypatch.setattr(checkpoint, "FSYNC", False)  # durability is not under test here
 
 
 @pytest.fixture
@@ -106,11 +100,25 @@ def test_layers_out_of_range_are_reported_once_the_model_is_known(tmp_path):
         run(cfg, tmp_path, evaluator=LayeredQuadratic())
 
 
+def test_a_run_refused_while_loading_leaves_nothing_it_created(tmp_path):
+    """The driver itself removes a new folder when the model cannot load (a DfoloraError
+    before the first checkpoint); a folder that held something keeps it."""
+    cfg = RunConfig.from_dict({"model": {"name": "/nonexistent/model"}})
+    with pytest.raises(DfoloraError, match="cannot load"):
+        run(cfg, tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "config.yaml").write_text("budget: 40\n")
+    with pytest.raises(DfoloraError, match="cannot load"):
+        run(cfg, tmp_path / "kept", resume=True)
+    assert (tmp_path / "kept" / "config.yaml").exists()
+
+
 def test_an_evaluator_returning_the_wrong_number_of_losses_is_an_error(tmp_path):
     class Short(LayeredQuadratic):
-        def evaluate(self, layer, Z, ids):
-            full = super().evaluate(layer, Z, ids)
-            return Evaluation(full.losses[:-1]) if len(Z) > 1 else full
+        def evaluate(self, layer, Z):
+            full = super().evaluate(layer, Z)
+            return EvalResult(full.losses[:-1]) if len(Z) > 1 else full
 
     cfg = RunConfig.from_dict({"adapter": {"dim": 8}, "budget": 40,
                                "optimizer": {"popsize": 4}})

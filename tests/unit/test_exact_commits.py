@@ -7,16 +7,17 @@ for real; tests/gpu/ repeats the numerics on a CUDA device.
 """
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import tiny
 import torch
 from layered import LayeredQuadratic
+from runs import run
 
 from common.config import RunConfig
-from orchestrator import checkpoint
-from orchestrator.driver import run
+from orchestrator.evaluation import EvaluatorInfo
 from orchestrator.evaluation.local import LocalEvaluator
 from workers.scoring import example_losses
 from workers.worker import EvalWorker, rescores_commits
@@ -28,8 +29,7 @@ TIMING = {"seconds", "wall_seconds", "candidates_per_s", "candidates_per_s_per_a
 
 
 @pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setattr(checkpoint, "FSYNC", False)
+def _quiet():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box
     yield
@@ -97,7 +97,7 @@ def untimed(records):
 def test_bf16_run_records_the_committed_models_loss_and_resumes_identically(tmp_path):
     cfg = RunConfig.from_dict(TINY)
     ev = LocalEvaluator(cfg, loaded=loaded(), splits=tiny.splits())
-    assert ev.rescores_commits
+    assert ev.info.rescores_commits
     full = run(cfg, tmp_path / "full", evaluator=ev)
     accepted = [r for r in full.metrics if r["accepted"]]
     assert accepted and all(r["loss_star"] == r["committed_loss"] for r in accepted)
@@ -118,7 +118,7 @@ def test_bf16_run_records_the_committed_models_loss_and_resumes_identically(tmp_
 def test_fp32_runs_do_not_rescore(tmp_path):
     cfg = RunConfig.from_dict(TINY)
     ev = LocalEvaluator(cfg, loaded=loaded(dtype=torch.float32), splits=tiny.splits())
-    assert not ev.rescores_commits
+    assert not ev.info.rescores_commits
     result = run(cfg, tmp_path, evaluator=ev)
     assert any(r["accepted"] for r in result.metrics)
     assert not any("committed_loss" in r for r in result.metrics)
@@ -133,8 +133,8 @@ class Rounding(LayeredQuadratic):
         self.offset, self.commits = offset, []
 
     @property
-    def rescores_commits(self) -> bool:
-        return True
+    def info(self) -> EvaluatorInfo:
+        return replace(super().info, rescores_commits=True)
 
     def committed_loss(self, layer: int) -> float:
         offset = self.offset if self.z.any() else 0.0
@@ -187,9 +187,9 @@ def test_an_out_of_memory_halving_is_checkpointed_and_reapplied_on_resume(tmp_pa
     assert stored["setup"]["stack_cap"] == 2
     tight["on"] = False  # the resumed session would not run out of memory by itself
     ev = evaluator()
-    assert ev.stack_cap() is None
+    assert ev.diagnostics().stack_cap is None
     resumed = run(None, part, evaluator=ev, resume=True)
-    assert ev.stack_cap() == 2
+    assert ev.diagnostics().stack_cap == 2
     assert untimed(resumed.metrics) == untimed(full.metrics)
     assert resumed.final == full.final
 
@@ -200,8 +200,8 @@ def test_the_actor_shell_reports_and_applies_both():
 
     shell = ActorShell(RunConfig.from_dict(TINY).to_dict(), loaded=loaded(),
                        splits=tiny.splits())
-    assert shell.info()["rescore"] and shell.stack_cap() is None
+    assert shell.info()["rescore"] and shell.diagnostics().stack_cap is None
     shell.limit_stack(3)
-    assert shell.stack_cap() == 3 == shell.worker._stack_cap
+    assert shell.diagnostics().stack_cap == 3 == shell.worker._stack_cap
     shell.commit(1, np.ones(16))
     assert shell.committed_loss(1) == full_forward_loss(shell.worker)

@@ -26,7 +26,7 @@ def committed_evaluator(family: str, layers=(0, 2), scale=3.0):
     ev = LocalEvaluator(cfg, loaded=tiny.model(family), splits=tiny.splits())
     rng = np.random.default_rng(1)
     for layer in layers:
-        ev.commit(layer, scale * rng.standard_normal(ev.dim))
+        ev.commit(layer, scale * rng.standard_normal(ev.info.dim))
     return ev
 
 

@@ -8,22 +8,15 @@ driver with the pure-numpy evaluator of layered.py (milliseconds per run).
 import numpy as np
 import pytest
 from layered import LayeredQuadratic
+from runs import run
 
 from common.config import RunConfig
 from common.seeding import derive_seed
-from orchestrator import checkpoint
-from orchestrator.driver import run
-from orchestrator.evaluation import CandidateId
 from orchestrator.optimizers.fireworks import BareBonesFireworks
 from orchestrator.schedule import Schedule
 
 POPSIZE = 6
 METHODS = ["cma", "fwa"]
-
-
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch):
-    monkeypatch.setattr(checkpoint, "FSYNC", False)  # durability is not under test here
 
 
 def config(budget=100, **schedule) -> RunConfig:
@@ -35,8 +28,7 @@ def config(budget=100, **schedule) -> RunConfig:
 def drive(schedule: Schedule, ev: LayeredQuadratic, check=None) -> None:
     """The driver's loop without checkpoints; `check(schedule, gen)` runs after every ask."""
     z0 = np.zeros((1, ev.dim))
-    schedule.start(ev.evaluate(schedule.order[0], z0, [CandidateId(0, schedule.order[0], -1, 0)])
-                   .losses[0], ev.score("dev"))
+    schedule.start(ev.evaluate(schedule.order[0], z0).losses[0], ev.score("dev"))
     while schedule.state.phase != "final":
         if schedule.state.phase == "dev":
             schedule.record_dev(ev.score("dev"))
@@ -46,7 +38,7 @@ def drive(schedule: Schedule, ev: LayeredQuadratic, check=None) -> None:
             continue
         if check:
             check(schedule, gen)
-        _, commit = schedule.tell(gen, ev.evaluate(gen.layer, gen.Z, gen.ids))
+        _, commit = schedule.tell(gen, ev.evaluate(gen.layer, gen.Z))
         if commit is not None:
             ev.commit(gen.layer, commit)
 
@@ -231,7 +223,7 @@ def test_l2_pull_adds_to_the_objective_and_shrinks_the_vectors(tmp_path):
     schedule = Schedule(config(budget=300, l2=5.0), ev.n_layers, ev.dim)
     schedule.start(1.0, ev.score("dev"))
     gen = schedule.ask()
-    raw = ev.evaluate(gen.layer, gen.Z, gen.ids)
+    raw = ev.evaluate(gen.layer, gen.Z)
     record, _ = schedule.tell(gen, raw)
     np.testing.assert_allclose(record["losses"], raw.losses + 5.0 * np.mean(gen.Z ** 2, axis=1))
     norm = sum(float(np.sum(v ** 2)) for v in pulled.vectors.values())
@@ -244,7 +236,7 @@ def test_mean_installs_only_the_optimisers_centre_and_counts_its_evaluation():
     ev = LayeredQuadratic()
     schedule = Schedule(config(budget=200, accept="mean", optimizers=["cma"]), 4, ev.dim)
     z0 = np.zeros((1, ev.dim))
-    schedule.start(ev.evaluate(0, z0, [CandidateId(0, 0, -1, 0)]).losses[0], ev.score("dev"))
+    schedule.start(ev.evaluate(0, z0).losses[0], ev.score("dev"))
     centres, installed, records, loss_star = [], 0, [], schedule.state.loss_star
     while schedule.state.phase != "final":
         if schedule.state.phase == "dev":
@@ -255,10 +247,9 @@ def test_mean_installs_only_the_optimisers_centre_and_counts_its_evaluation():
 
         def score(z, gen=gen):
             centres.append(z.copy())
-            return float(ev.evaluate(gen.layer, z[None], [CandidateId(0, gen.layer, 0, 0)])
-                         .losses[0])
+            return float(ev.evaluate(gen.layer, z[None]).losses[0])
 
-        record, commit = schedule.tell(gen, ev.evaluate(gen.layer, gen.Z, gen.ids), score)
+        record, commit = schedule.tell(gen, ev.evaluate(gen.layer, gen.Z), score)
         assert schedule.state.evaluations - before == POPSIZE + (record["centre_loss"] is not None)
         assert schedule.state.loss_star <= loss_star  # elitist on the centre
         loss_star = schedule.state.loss_star
