@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from runs import run
+from harness import run
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from common.config import RunConfig

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from runs import run
+from harness import run
 
 from common.config import RunConfig
 from orchestrator.evaluation.local import LocalEvaluator

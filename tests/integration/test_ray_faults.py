@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
-from runs import run
+from harness import run
 
 from common.config import RunConfig
 from common.errors import DfoloraError

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tiny
 import yaml
+from harness import run
 from layered import LayeredQuadratic
-from runs import run
 
 from common.config import RunConfig
 from common.errors import ConfigError

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+from harness import run
 from layered import LayeredQuadratic
-from runs import run
 
 from common.config import RunConfig
 from common.errors import ConfigError, DfoloraError

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from harness import run
 from layered import LayeredQuadratic
-from runs import run
 
 from common.config import RunConfig
 from orchestrator.evaluation import EvaluatorInfo

@@ -7,8 +7,8 @@ driver with the pure-numpy evaluator of layered.py (milliseconds per run).
 
 import numpy as np
 import pytest
+from harness import run
 from layered import LayeredQuadratic
-from runs import run
 
 from common.config import RunConfig
 from common.seeding import derive_seed
