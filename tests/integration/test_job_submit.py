@@ -235,3 +235,31 @@ def test_job_submit_runs_the_cli_on_the_cluster(cluster, tmp_path):
 
     left = cluster.stop()
     assert not left, f"processes of the test cluster outlived it: {left}"
+
+
+def test_job_submit_runs_a_sweep_like_a_single_run(cluster, tmp_path):
+    """`dfolora sweep` submitted as one job: its runs are child processes of the job's driver,
+    inherit RAY_ADDRESS and put their actors on this cluster; the compare table ends the job."""
+    root = tmp_path / "grid"
+    sid = f"dfolora-test-{secrets.token_hex(4)}"
+    proc = cluster.ray_cmd(
+        "job", "submit", "--address", cluster.url, "--submission-id", sid,
+        "--runtime-env", "deploy/runtime_env.yaml", "--working-dir", str(ROOT), "--",
+        "python", "-m", "orchestrator.cli", "sweep", "--preset", "smoke", "--seeds", "1", "2",
+        "--set", "cluster.num_actors=1", "--root", str(root))
+    logs = _plain(proc.stdout + proc.stderr)
+    cluster.track()
+    assert proc.returncode == 0, logs[-4000:]
+    status = cluster.ray_cmd("job", "status", "--address", cluster.url, sid, timeout=120)
+    assert f"Job '{sid}' succeeded" in _plain(status.stdout + status.stderr), status.stdout
+    assert "smoke-seed1: starting" in logs and "smoke-seed2: starting" in logs, logs[-4000:]
+    table = [line for line in logs.splitlines() if re.search(r"smoke-seed\d\s+dfo-lora", line)]
+    assert len(table) == 2, logs[-4000:]  # the compare table: one row per finished run
+    for seed in (1, 2):
+        folder = root / f"smoke-seed{seed}"
+        results = json.loads((folder / "results.json").read_text())
+        assert results["seed"] == seed and results["evaluations"] == 40
+        run_log = (root / "logs" / f"smoke-seed{seed}.log").read_text()
+        assert f"127.0.0.1:{cluster.gcs_port}" in run_log, run_log[-3000:]  # this cluster's
+    left = cluster.stop()
+    assert not left, f"processes of the test cluster outlived it: {left}"
