@@ -1,12 +1,13 @@
 """The README's results table: every method of the harness on the demo setting, several seeds.
 
-    python bench/results_table.py [--root runs/results] [--seeds 13 42 100]
-                                  [--templates default instruct] [--jobs 2]
+    python bench/results_table.py [--root runs/results] [--seeds 13 21 42 87 100]
+                                  [--templates default instruct] [--jobs 2] [--set KEY=VALUE]
 
-Each cell is one `dfolora` command in a fresh process (so peak memory is the method's own), with
-the demo preset (SmolLM2-135M, Rotten Tomatoes 16-shot, top 6 layers) and `--set seed=S
---set task.template=T`; the DFO methods differ only in `schedule.optimizers`. A finished cell
-(its results.json exists) is not run again, so an interrupted table resumes. Prints a Markdown
+A thin call of `dfolora sweep` (orchestrator/sweep.py): each cell is one run of the demo preset
+with `--set seed=S --set task.template=T` in a fresh process (so peak memory is the method's
+own), the DFO methods differing only in `schedule.optimizers`, the baselines being the same
+config's `dfolora zero-shot` and `dfolora lora` (learning rate and epoch chosen on dev). A
+finished cell is skipped and an interrupted DFO cell resumes, as in a sweep. Prints a Markdown
 table of mean ± std over seeds (test accuracy, peak memory, evaluations, wall time) and, last,
 JSON with every run's figures.
 """
@@ -14,44 +15,45 @@ JSON with every run's figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-METHODS = {  # name -> the dfolora command line after the shared options
-    "zero-shot": ["zero-shot"],
-    "dfo cma": ["run", "--set", "schedule.optimizers=[cma]"],
-    "dfo fwa": ["run", "--set", "schedule.optimizers=[fwa]"],
-    "dfo cma+fwa": ["run", "--set", "schedule.optimizers=[cma, fwa]"],
-    "gradient lora": ["lora"],
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator import sweep  # noqa: E402
+
+METHODS = {  # name -> (dfolora command, --set items)
+    "zero-shot": ("zero-shot", []),
+    "dfo cma": ("run", ["schedule.optimizers=[cma]"]),
+    "dfo fwa": ("run", ["schedule.optimizers=[fwa]"]),
+    "dfo cma+fwa": ("run", ["schedule.optimizers=[cma, fwa]"]),
+    "gradient lora": ("lora", []),
 }
 
 
-def cell_dir(root: Path, template: str, method: str, seed: int) -> Path:
-    return root / f"{template}-{method.replace(' ', '-').replace('+', '-')}-{seed}"
+def cell_name(template: str, method: str, seed: int) -> str:
+    return f"{template}-{method.replace(' ', '-').replace('+', '-')}-{seed}"
 
 
-def run_cell(root: Path, template: str, method: str, seed: int, args) -> dict:
-    out = cell_dir(root, template, method, seed)
-    if not (out / "results.json").exists():
-        cmd = [sys.executable, "-m", "orchestrator.cli", *METHODS[method], "--preset", "demo",
-               "--set", f"seed={seed}", "--set", f"task.template={template}",
-               "--out", str(out), "--progress", "quiet", *args.extra]
-        if method == "gradient lora":
-            cmd += ["--lr", str(args.lora_lr), "--epochs", str(args.lora_epochs)]
-        if out.exists() and method.startswith("dfo"):
-            cmd.append("--resume")  # an interrupted cell continues from its checkpoint
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        print(f"[table] {out.name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{out.name} failed:\n{proc.stderr[-2000:]}")
-        print(f"[table] {out.name}: {proc.stdout.strip()}", file=sys.stderr, flush=True)
-    r = json.loads((out / "results.json").read_text())
+def cells(args) -> list[tuple[str, str, int, sweep.Cell]]:
+    """(template, method, seed, the sweep's cell) for every cell, validated before any runs."""
+    out = []
+    for template in args.templates:
+        for method in args.methods:
+            command, sets = METHODS[method]
+            grid = sweep.grid(["demo"], [], args.seeds,
+                              [f"task.template={template}", *sets, *args.sets], [])
+            for seed, cell in zip(args.seeds, grid, strict=True):
+                out.append((template, method, seed, dataclasses.replace(
+                    cell, command=command, name=cell_name(template, method, seed))))
+    return out
+
+
+def row(root: Path, template: str, method: str, seed: int) -> dict:
+    r = json.loads((root / cell_name(template, method, seed) / "results.json").read_text())
     return {"template": template, "method": method, "seed": seed,
             "test": r["final"]["test"]["accuracy"], "dev": r["final"]["dev"]["accuracy"],
             "zero_shot_test": r["zero_shot"]["test"]["accuracy"],
@@ -85,20 +87,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", default="runs/results", type=Path)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 100])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[13, 21, 42, 87, 100])
     parser.add_argument("--templates", nargs="+", default=["default", "instruct"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         metavar="METHOD", help=f"some of: {', '.join(METHODS)}")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per cell")
-    parser.add_argument("--lora-lr", type=float, default=2e-3)
-    parser.add_argument("--lora-epochs", type=int, default=10)
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                        help="more dfolora options for every cell, e.g. --set budget=400")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="more config for every cell, e.g. --set budget=400")
     args = parser.parse_args()
-    cells = [(t, m, s) for t in args.templates for m in args.methods for s in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda c: run_cell(args.root, *c, args), cells))
+    todo = cells(args)
+    codes = sweep.run_cells([c[3] for c in todo], args.root, args.jobs, args.threads)
+    failed = [name for name, code in codes.items() if code]
+    if failed:
+        raise SystemExit(f"failed cells (logs in {args.root / 'logs'}): {', '.join(failed)}")
+    rows = [row(args.root, *c[:3]) for c in todo]
     text = table(rows, args.templates)
     (args.root / "table.md").write_text(text + "\n")
     print(text)

@@ -6,6 +6,8 @@ before anything starts, so a mistake is one error line naming the offending valu
 is written. A run is `dfolora run ... --out ROOT/NAME --resume` in a child process (the same
 code, OMP_NUM_THREADS from --threads), `--jobs` at once: a finished run (results.json) is
 skipped, an interrupted one continues from its checkpoint (docs/design.md §8), a new one starts.
+A cell may also be a baseline on the same config (`Cell.command` lora or zero-shot, used by
+bench/results_table.py): those cannot resume, so an unfinished one starts again.
 A run's console output goes to ROOT/logs/NAME.log. On a Ray cluster the children inherit
 RAY_ADDRESS, so each run's actors land on the cluster (deploy/README.md). The sweep ends with
 the `dfolora compare` table of the finished runs.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -39,11 +42,13 @@ class Cell:
     source: tuple[str, ...]
     sets: tuple[str, ...]
     name: str
+    command: str = "run"  # or a baseline on the same config: lora, zero-shot (never resumed)
 
     def argv(self, folder: Path) -> list[str]:
         sets = [arg for item in self.sets for arg in ("--set", item)]
-        return ["run", *self.source, *sets, "--out", str(folder), "--progress", "quiet",
-                "--resume"]
+        resume = ["--resume"] if self.command == "run" else []
+        return [self.command, *self.source, *sets, "--out", str(folder), "--progress", "quiet",
+                *resume]
 
 
 def axes(vary: list[str]) -> list[tuple[str, list[str]]]:
@@ -122,6 +127,9 @@ def run_cells(cells: list[Cell], root: Path, jobs: int = 1, threads: int = 1,
             return 0
         if stop.is_set():
             return 130
+        if cell.command != "run" and folder.exists():
+            # a baseline cannot resume: what an interrupted one left (never results) goes
+            shutil.rmtree(folder)
         say(f"[sweep] {cell.name}: {'resuming' if now == 'resumable' else 'starting'}")
         with open(root / "logs" / f"{cell.name}.log", "ab") as log:
             code = subprocess.run([sys.executable, "-m", "orchestrator.cli",

@@ -56,3 +56,40 @@ def test_a_run_that_fails_is_named_and_the_sweep_exits_non_zero(tmp_path, capsys
     err = capsys.readouterr().err
     assert "error: run smoke-seed42 failed (exit code 2): error:" in err and "cannot load" in err
     assert (root / "logs" / "smoke-seed42.log").exists() and not (root / "smoke-seed42").exists()
+
+
+def test_results_table_is_a_grid_of_sweep_cells(tmp_path):
+    """bench/results_table.py: one sweep cell per template x method x seed, the baselines as the
+    same config's lora / zero-shot commands (not resumed), a bad --set refused up front."""
+    import argparse
+    import importlib.util
+
+    from orchestrator import sweep
+
+    path = __import__("pathlib").Path(__file__).resolve().parents[2] / "bench/results_table.py"
+    spec = importlib.util.spec_from_file_location("results_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    args = argparse.Namespace(templates=["default", "instruct"], seeds=[13, 21],
+                              methods=["zero-shot", "dfo cma", "gradient lora"], sets=["budget=40"])
+    cells = table.cells(args)
+    assert len(cells) == 12 and len({c[3].name for c in cells}) == 12
+    template, method, seed, cell = cells[5]  # default, gradient lora, 21
+    assert (template, method, seed, cell.name) == ("default", "gradient lora", 21,
+                                                   "default-gradient-lora-21")
+    argv = cell.argv(tmp_path / cell.name)
+    assert argv[:3] == ["lora", "--preset", "demo"] and "--resume" not in argv
+    assert "task.template=default" in argv and "seed=21" in argv and "budget=40" in argv
+    dfo = cells[8][3].argv(tmp_path)  # instruct, dfo cma, 13
+    assert dfo[0] == "run" and "schedule.optimizers=[cma]" in dfo and dfo[-1] == "--resume"
+    with pytest.raises(ConfigError, match="budgte"):
+        table.cells(argparse.Namespace(**{**vars(args), "sets": ["budgte=3"]}))
+    # an interrupted baseline cannot resume: the sweep clears its folder and starts it again
+    partial = tmp_path / "zs"
+    partial.mkdir()
+    (partial / "config.yaml").write_text("partial\n")
+    assert sweep.state(partial) == "new"
+    bad = sweep.Cell((), ("task.name=not_a_task",), "zs", command="zero-shot")  # fails fast
+    codes = sweep.run_cells([bad], tmp_path, say=lambda line: None)
+    assert codes == {"zs": 2} and not (partial / "config.yaml").exists()
+    assert "not_a_task" in (tmp_path / "logs" / "zs.log").read_text()
