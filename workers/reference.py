@@ -30,7 +30,7 @@ def reference_losses(worker: EvalWorker, layer: int, population,
     z_all = np.atleast_2d(np.asarray(population, dtype=np.float64))
     vectors = dict(worker.committed)
     for layer_i in range(worker.n_layers):  # pristine weights: every delta goes through hooks
-        worker._merge(layer_i, committed=False)
+        worker.merge(layer_i, committed=False)
     label_ids = worker.prompter.label_ids
     out = []
     try:
@@ -61,5 +61,5 @@ def reference_losses(worker: EvalWorker, layer: int, population,
                     handle.remove()
     finally:
         for layer_i in range(worker.n_layers):
-            worker._merge(layer_i)
+            worker.merge(layer_i)
     return np.array(out)

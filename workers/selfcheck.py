@@ -47,14 +47,14 @@ def self_check(worker) -> SelfCheck:
     layer, state = worker.first, worker.states[0]
     rng = np.random.default_rng(derive_seed(worker.cfg.seed, "self-check"))
     z = torch.from_numpy(rng.standard_normal((2, worker.dim)) * worker.cfg.optimizer.sigma0)
-    worker._prefix(layer)
-    worker._merge(layer, committed=False)  # as in evaluate: candidates replace the committed
+    worker.advance_states(layer)
+    worker.merge(layer, committed=False)  # as in evaluate: candidates replace the committed
     try:
         fast = worker._stacked(layer, state, z).double()
         own = torch.stack([own_logits(worker, layer, state.batch, z[i:i + 1])
                            for i in range(z.shape[0])]).double()
     finally:
-        worker._merge(layer)
+        worker.merge(layer)
     error = float((fast - own).abs().max() / own.abs().max().clamp_min(1e-12))
     tolerance = TOLERANCE.get(worker.pristine[layer][0].dtype, 5e-2)
     if not error <= tolerance:  # NaN fails too

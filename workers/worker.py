@@ -16,9 +16,6 @@ everything after starts at layer F ("frozen prefix", docs/design.md §7).
 
 from __future__ import annotations
 
-import ctypes
-import gc
-
 import numpy as np
 import torch
 
@@ -33,14 +30,10 @@ from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.adapters import inspect, installed, merge_delta
 from workers.batches import Batch, Prompter
+from workers.calibration import calibrate
 from workers.head import LabelHead
-from workers.projection import (
-    CalibrationStats,
-    LayerShape,
-    Projector,
-    principal_directions,
-    robust_std,
-)
+from workers.memory import lean_heap, release_free_memory
+from workers.projection import CalibrationStats, LayerShape, Projector
 from workers.scoring import classification_metrics, example_losses
 from workers.selfcheck import self_check
 
@@ -57,33 +50,6 @@ def model_max_length(model, wanted: int) -> int:
     if limit and cfg.model_type in ("roberta", "xlm-roberta"):
         limit -= 2
     return min(wanted, limit) if limit else wanted
-
-
-def release_free_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back to the system (glibc's
-    malloc_trim; elsewhere a no-op): memory freed while building a worker would otherwise stay in
-    the process's resident set."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-LEAN_HEAP_BYTES = 8 << 20  # buffers this large or larger are mapped and unmapped on their own
-
-
-def lean_heap(threshold: int = LEAN_HEAP_BYTES) -> bool:
-    """Fix glibc's mmap and trim thresholds (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) at
-    `threshold`: a population's activation buffers (tens of MB on CPU) are then given back to the
-    system when freed. By default glibc raises the mmap threshold after each large free, the
-    buffers come from the heap afterwards, and fragmentation keeps their pages resident: ~110 MB
-    of the demo run's peak (docs/benchmarks.md). Process-wide; False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, threshold))
-    except (OSError, AttributeError):
-        return False
 
 
 TEST_GROUP = 16  # test batches whose frozen prefix is computed together (~15 MB on SmolLM2)
@@ -139,7 +105,7 @@ class EvalWorker:
             self.states = [fastpath.capture(self.model, self.arch, b, self.kind, self.first)
                            for b in self.batches["train"]]
             self._valid = self.n_layers - 1
-        self.stats = CalibrationStats.from_dict(stats) if stats else self._calibrate(files)
+        self.stats = CalibrationStats.from_dict(stats) if stats else calibrate(self, files)
         shapes = [LayerShape(q.in_features, q.out_features, k.in_features, k.out_features)
                   for q, k in self.arch.sites]
         a = cfg.adapter
@@ -183,10 +149,10 @@ class EvalWorker:
         """Install `vector` as layer's current best: merged into the weights of that layer."""
         z = self._check(layer, vector, ndim=1)
         self.committed[layer] = z.copy()
-        self._merge(layer)
+        self.merge(layer)
         self._valid = min(self._valid, layer)
 
-    def _merge(self, layer: int, committed: bool = True) -> None:
+    def merge(self, layer: int, committed: bool = True) -> None:
         z = self.committed.get(layer) if committed else None
         factors = [None] * 4
         if z is not None:
@@ -196,7 +162,7 @@ class EvalWorker:
             merge_delta(proj, pristine, factors[2 * i], factors[2 * i + 1])
 
     @torch.no_grad()
-    def _prefix(self, layer: int) -> None:
+    def advance_states(self, layer: int) -> None:
         """Bring the cached hidden states entering `layer` up to the committed state."""
         while self._valid < layer:
             for state in self.states:
@@ -219,12 +185,12 @@ class EvalWorker:
         if not 0 <= index < count:
             raise DfoloraError(f"shard {shard} must be (i, n) with 0 <= i < n")
         first, stop = shard_range(len(self.states), index, count)
-        self._prefix(layer)
+        self.advance_states(layer)
         n = z.shape[0]
         loss_sums = np.zeros((stop - first, n), dtype=np.float64)
         hits = np.zeros((stop - first, n), dtype=np.float64)
         counts = np.zeros(stop - first, dtype=np.int64)
-        self._merge(layer, committed=False)  # candidates replace the layer's committed vector
+        self.merge(layer, committed=False)  # candidates replace the layer's committed vector
         try:
             for row, state in enumerate(self.states[first:stop]):
                 start = 0
@@ -247,7 +213,7 @@ class EvalWorker:
                     hits[row, sl] = correct.sum(-1).double().cpu().numpy()
                 counts[row] = state.batch.labels.shape[0]
         finally:
-            self._merge(layer)
+            self.merge(layer)
         return BatchTerms(first, loss_sums, hits, counts)
 
     @property
@@ -275,7 +241,7 @@ class EvalWorker:
         says where the cached hidden states are current; the result does not depend on it
         (docs/design.md §9, eval.rescore_commits)."""
         self._check(layer, np.zeros(self.dim), ndim=1)
-        self._prefix(layer)
+        self.advance_states(layer)
         loss_sum = correct = 0.0
         total = 0
         for state in self.states:
@@ -372,37 +338,6 @@ class EvalWorker:
             q, k = self.delta_ratio(layer, self.committed[layer])
             out.append({"layer": layer, "q_ratio": q, "k_ratio": k})
         return out
-
-    @torch.no_grad()
-    def _calibrate(self, files: models.WeightFiles | None) -> CalibrationStats:
-        """Robust spreads of q/k inputs and layer inputs on the training data, zero adapter.
-
-        Searched layers only (None for the others), one layer at a time: the values are those
-        a full forward gives, taken in the same order, so the statistics are bit-identical to
-        collecting every layer in one pass.
-        """
-        qk: list[float | None] = [None] * self.n_layers
-        hidden: list[float | None] = [None] * self.n_layers
-        basis = self.cfg.adapter.basis
-        bases: list[list | None] | None = None if basis == "random" else [None] * self.n_layers
-        masks = [state.batch.attention_mask.bool() for state in self.states]
-        for layer in sorted(self.searched):
-            self._prefix(layer)
-            pairs = list(zip(self.states, masks, strict=True))
-            hidden[layer] = robust_std(torch.cat([s.hidden[layer][m].float() for s, m in pairs]))
-            module = self.arch.sites[layer][0].module
-            inputs = torch.cat([
-                fastpath.module_input(self.arch, s, layer, module)[m].float() for s, m in pairs])
-            qk[layer] = robust_std(inputs)
-            if bases is not None:  # adapter.basis: A's row space (docs/design.md §2)
-                p = min(self.cfg.adapter.basis_rank, inputs.shape[1])
-                bases[layer] = principal_directions(inputs, p, centred=basis == "input-pca")
-        table = self.model.get_input_embeddings()
-        step = max(1, table.weight.shape[0] // 4096)  # a fixed row sample: 128k-word vocabularies
-        emb = files.sample_rows(table, step) if files is not None else table.weight[::step]
-        return CalibrationStats(qk_input=tuple(qk), hidden=tuple(hidden),
-                                embedding=robust_std(emb),
-                                bases=tuple(bases) if bases is not None else None)
 
     def _check(self, layer: int, vector, ndim: int) -> np.ndarray:
         if (not isinstance(layer, (int, np.integer)) or isinstance(layer, bool)

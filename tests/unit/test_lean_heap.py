@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import sys, torch
-from workers.worker import lean_heap
+from workers.memory import lean_heap
 def rss():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])
 if sys.argv[1] == 'lean':
