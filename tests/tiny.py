@@ -80,7 +80,7 @@ def config(family: str, layers: int, vocab: int):
     if family == "bert":
         return BertConfig(max_position_embeddings=64, **encoder)
     if family == "electra":  # the generator: a prediction head (dense, gelu, LayerNorm) first;
-        # embedding size = hidden size, so a head that skips it is wrong silently (issue 13), and
+        # embedding size = hidden size, so a head that skips it is silently wrong (head.py); and
         # a wider init than 0.02, at which layer 0 barely moves the loss
         return ElectraConfig(embedding_size=32, max_position_embeddings=64, initializer_range=0.2,
                              **encoder)

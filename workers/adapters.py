@@ -69,15 +69,15 @@ class Architecture:
         return len(self.layers)
 
 
-def inspect(model: nn.Module) -> Architecture:
+def architecture(model: nn.Module) -> Architecture:
     try:
-        return _inspect(model)
+        return _find_sites(model)
     except (AttributeError, IndexError, TypeError) as err:
         raise ModelError(f"unsupported architecture {type(model).__name__} "
                          f"({err}); supported: {SUPPORTED}") from None
 
 
-def _inspect(model: nn.Module) -> Architecture:
+def _find_sites(model: nn.Module) -> Architecture:
     base = model.base_model
     path = next((p for p in _LAYERS if isinstance(_get(base, p), nn.ModuleList)), None)
     model_type = getattr(model.config, "model_type", None)

@@ -55,7 +55,7 @@ from common.errors import ConfigError, DfoloraError
 from common.seeding import derive_seed
 from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
-from workers.adapters import Architecture, inspect
+from workers.adapters import Architecture, architecture
 from workers.batches import Batch, Prompter
 from workers.head import LabelHead
 from workers.memory import peak_memory_mb
@@ -192,7 +192,7 @@ class LoraRun:
         """Inject PEFT LoRA into the model (A seeded from the run's seed, B = 0) and return its
         trainable parameters and how many of their entries stay frozen at zero (fused v rows)."""
         torch.manual_seed(derive_seed(self.cfg.seed, "lora"))  # PEFT's kaiming init of A
-        arch = inspect(self.model)
+        arch = architecture(self.model)
         fused = _fused_rows(arch)  # before PEFT replaces the modules
         self.peft = get_peft_model(self.model, lora_config(self.cfg, arch, self.model))
         frozen = _restrict_fused(self.peft, fused)

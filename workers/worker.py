@@ -28,7 +28,7 @@ from common.messages import EvalResult
 from common.shards import BatchTerms, combine_batches, shard_range
 from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
-from workers.adapters import inspect, installed, merge_delta
+from workers.adapters import architecture, installed, merge_delta
 from workers.batches import Batch, Prompter
 from workers.calibration import calibrate
 from workers.head import LabelHead
@@ -76,7 +76,7 @@ class EvalWorker:
             name: [b.to(self.device) for b in self.prompter.batches(examples, sizes[name])]
             for name, examples in self.examples.items()
         }
-        self.arch = inspect(self.model)
+        self.arch = architecture(self.model)
         self.head = LabelHead(self.model, self.prompter.label_ids)
         order = [i for i in cfg.schedule.layers or () if 0 <= i < self.n_layers]
         self.searched = frozenset(order or range(self.n_layers))  # layers that take vectors

@@ -14,7 +14,7 @@ import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-from workers.adapters import Projection, inspect
+from workers.adapters import Projection, architecture
 
 # Falcon's other two layouts: Falcon-7B's multi-query and the original one (per head q, k, v)
 VARIANTS = {"falcon-7b": dict(new_decoder_architecture=False, multi_query=True),
@@ -47,7 +47,7 @@ def logits(model, ids) -> torch.Tensor:
 @pytest.mark.parametrize("name", tiny.FUSED + tuple(VARIANTS))
 def test_one_token_reads_v_features_only(name):
     model = fused_model(name)
-    q, k = inspect(model).sites[1]
+    q, k = architecture(model).sites[1]
     assert q.module is k.module
     before = logits(model, [7])
     scale(q, 3.0)
@@ -70,7 +70,7 @@ def test_one_token_reads_v_features_only(name):
 @pytest.mark.parametrize("name", tiny.FUSED + tuple(VARIANTS))
 def test_attention_reads_q_and_k_through_their_product(name):
     model = fused_model(name)
-    q, k = inspect(model).sites[1]
+    q, k = architecture(model).sites[1]
     ids = [5, 9, 12, 7, 20, 6]
     before = logits(model, ids)
     scale(q, 2.0)

@@ -10,7 +10,7 @@ from common.config import RunConfig
 from common.data import Example, Splits
 from common.errors import ConfigError, ModelError
 from common.loaders import load_splits
-from workers.adapters import inspect
+from workers.adapters import architecture
 from workers.worker import EvalWorker
 
 
@@ -54,7 +54,7 @@ def test_out_of_memory_halves_the_stack_and_gives_the_same_losses(monkeypatch):
 ], ids=lambda cfg: cfg.model_type)
 def test_unsupported_architecture_is_a_model_error(cfg):
     with pytest.raises(ModelError, match="unsupported architecture") as err:
-        inspect(AutoModelForCausalLM.from_config(cfg))
+        architecture(AutoModelForCausalLM.from_config(cfg))
     message = str(err.value)
     assert "\n" not in message and f"'{cfg.model_type}'" in message
     assert "supported: " in message and "phi3, gpt_neox and falcon" in message
