@@ -398,9 +398,9 @@ def tiny_world(monkeypatch):
     monkeypatch.setattr(models, "load", lambda cfg: tiny.model("gpt2"))
     monkeypatch.setattr(worker, "load_splits", lambda cfg: tiny.splits())
     calls = []
-    calibrate = worker.EvalWorker._calibrate
-    monkeypatch.setattr(worker.EvalWorker, "_calibrate",
-                        lambda self, *a, **kw: calls.append(1) or calibrate(self, *a, **kw))
+    calibrate = worker.calibrate  # workers/calibration.py, as EvalWorker calls it
+    monkeypatch.setattr(worker, "calibrate",
+                        lambda *a, **kw: calls.append(1) or calibrate(*a, **kw))
     yield calls
     torch.set_num_threads(threads)
 
@@ -415,6 +415,7 @@ def test_tiny_model_resume_is_bit_identical(tmp_path, tiny_world):
         folder = tmp_path / f"stop-{g}"
         run(cfg, folder, stop_after=g)
         calibrations = len(tiny_world)
+        assert calibrations >= 2  # the patch sees every calibration: the full run's, this one's
         resumed = run(None, folder, resume=True)
         assert len(tiny_world) == calibrations  # the stored statistics were used
         assert trajectory(resumed) == trajectory(full)
