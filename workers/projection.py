@@ -156,7 +156,8 @@ class Projector:
                     size = self._entry_std(kind, size)
                     kind, shape = "normal", (1, numel)
                 if c in self.searched and c % 2 == 0 and self.basis != "random":
-                    m = self._basis_map(layer, n, size, gen)
+                    std = size if kind == "normal" else size / math.sqrt(3)  # uniform's std
+                    m = self._basis_map(layer, n, std, gen)
                 elif kind == "normal":
                     m = torch.randn(shape, generator=gen, dtype=torch.float32) * size
                 else:
@@ -165,12 +166,12 @@ class Projector:
             self._maps[layer] = built
         return self._maps[layer]
 
-    def _basis_map(self, layer: int, n: int, size: float,
+    def _basis_map(self, layer: int, n: int, std: float,
                    gen: torch.Generator) -> torch.Tensor:
         """A map (n, in * r) whose A = P^T G has its columns in the span of the layer's p
-        principal directions P (p, in): G (p, r) is a Gaussian map of z, its entries' std raised
-        by sqrt(in / p) so that E||A||_F, and with it the scale rule and `ratio_bounds`, are
-        those of the random map (P's rows are orthonormal)."""
+        principal directions P (p, in): G (p, r) is a Gaussian map of z, its entries' std (the
+        random map's `std`) raised by sqrt(in / p) so that E||A||_F, and with it the scale rule
+        and `ratio_bounds`, are those of the random map (P's rows are orthonormal)."""
         rows = self.stats.bases[layer] if self.stats.bases is not None else None
         if rows is None:
             raise ValueError(f"adapter.basis={self.basis}: no principal directions for layer "
@@ -178,7 +179,7 @@ class Projector:
         P = torch.tensor(rows, dtype=torch.float32)  # (p, in)
         p, width = P.shape
         G = torch.randn((n, p, self.rank), generator=gen, dtype=torch.float32)
-        G *= size * math.sqrt(width / p)
+        G *= std * math.sqrt(width / p)
         return torch.einsum("pi,npr->nir", P, G).reshape(n, width * self.rank)
 
     def _entry_std(self, kind: str, size: float) -> float:
