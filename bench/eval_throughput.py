@@ -126,7 +126,7 @@ def memory_backprop(args) -> dict:
 
     from workers import models
     from workers.gradient_lora import LoraRun
-    from workers.worker import load_splits
+    from workers.scorer import load_splits
 
     cfg = config(args)
     loaded = models.load(cfg.model)

@@ -354,7 +354,7 @@ def phase_lora(args, name: str, emit) -> dict:
 
     from common.tasks import resolve_template, task_spec
     from workers.batches import Prompter
-    from workers.worker import model_max_length
+    from workers.scorer import model_max_length
 
     device, dtype, shape = _device(args), getattr(torch, args.dtype), _shape(args, name)
     out: dict = {}

@@ -15,7 +15,8 @@ import torch
 from common.config import RunConfig
 from common.messages import Diagnostics, EvalResult
 from common.shards import BatchTerms
-from workers.worker import EvalWorker, combine_scores
+from workers.scorer import combine_scores
+from workers.worker import EvalWorker
 
 
 class ActorShell:

@@ -53,14 +53,11 @@ from common.config import RunConfig
 from common.data import Example, Splits
 from common.errors import ConfigError, DfoloraError
 from common.seeding import derive_seed
-from common.tasks import resolve_template, task_spec
-from workers import fastpath, models
+from workers import models
 from workers.adapters import Architecture, architecture
-from workers.batches import Batch, Prompter
-from workers.head import LabelHead
 from workers.memory import peak_memory_mb
+from workers.scorer import Scorer, load_splits
 from workers.scoring import example_losses
-from workers.worker import combine_scores, load_splits, model_max_length
 
 METHOD = "gradient-lora"
 ADAPTER = "default"  # PEFT's adapter name
@@ -149,43 +146,18 @@ def selection_key(dev: dict, metric: str, lr: float, epoch: int) -> tuple:
             loss if math.isfinite(loss) else math.inf, lr, epoch)
 
 
-class LoraRun:
-    """One training run: EvalWorker's prompts, batches and label head on the caller's model.
+class LoraRun(Scorer):
+    """One training run, scored through workers/scorer.py as `EvalWorker` scores (same prompts,
+    batches and label head), on the caller's model with whatever PEFT adapter it carries.
 
     `score(split)` also scores a model that already carries a PEFT adapter (tests use it on an
     exported adapter loaded with `PeftModel.from_pretrained`).
     """
 
     def __init__(self, cfg: RunConfig, loaded: models.LoadedModel, splits: Splits):
-        self.cfg, self.kind, self.device = cfg, loaded.kind, loaded.device
-        self.model = loaded.model  # the transformers model; PEFT injects into its modules
-        spec = task_spec(cfg.task)
-        template = resolve_template(spec, self.kind, cfg.task.template, cfg.task.label_words)
-        self.prompter = Prompter(loaded.tokenizer, self.kind, spec, template, cfg.task,
-                                 model_max_length(self.model, cfg.model.max_length))
-        self.metric = spec.metric  # orchestrator.schedule.selection_metric (no import: layers)
+        super().__init__(cfg, loaded, splits)  # self.model: PEFT injects into its modules
         self.train_examples = list(splits.train)
-        sizes = {"train": cfg.eval.train_batch_size, "dev": cfg.eval.batch_size,
-                 "test": cfg.eval.batch_size}  # as EvalWorker, so scores match it exactly
-        self.batches = {
-            name: [b.to(self.device) for b in self.prompter.batches(examples, sizes[name])]
-            for name, examples in (("train", splits.train), ("dev", splits.dev),
-                                   ("test", splits.test))
-        }
-        self.head = LabelHead(self.model, self.prompter.label_ids)
         self.peft: PeftModel | None = None
-
-    # -- scoring: EvalWorker.logits / score, on whatever adapter is installed ------------------
-    def logits(self, batch: Batch) -> torch.Tensor:
-        hidden = self.model.base_model(**fastpath.model_inputs(batch, self.kind)).last_hidden_state
-        return self.head(fastpath.gather_positions(hidden, batch.positions))
-
-    @torch.no_grad()
-    def score(self, split: str) -> dict:
-        batches = self.batches[split]
-        logits = torch.cat([self.logits(b) for b in batches]).float().cpu().numpy()
-        labels = torch.cat([b.labels for b in batches]).cpu().numpy()
-        return combine_scores([(logits, labels)], self.cfg)
 
     # -- training ------------------------------------------------------------------------------
     def attach(self) -> tuple[list[torch.nn.Parameter], int]:

@@ -19,65 +19,38 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common import loaders
 from common.config import RunConfig
 from common.data import Splits
 from common.errors import DfoloraError
 from common.memory import peak_memory_mb
 from common.messages import EvalResult
 from common.shards import BatchTerms, combine_batches, shard_range
-from common.tasks import resolve_template, task_spec
+from common.tasks import task_spec
 from workers import fastpath, models
 from workers.adapters import architecture, installed, merge_delta
-from workers.batches import Batch, Prompter
+from workers.batches import Batch
 from workers.calibration import calibrate
-from workers.head import LabelHead
 from workers.memory import lean_heap, release_free_memory
 from workers.projection import CalibrationStats, LayerShape, Projector
-from workers.scoring import classification_metrics, example_losses
+from workers.scorer import Scorer, load_splits
+from workers.scoring import example_losses
 from workers.selfcheck import self_check
-
-
-def load_splits(cfg: RunConfig) -> Splits:
-    """The run's few-shot train/dev and its test split (common/loaders.py: files, hub, offline)."""
-    return loaders.load_splits(cfg.task, cfg.seed)
-
-
-def model_max_length(model, wanted: int) -> int:
-    """`wanted`, capped by the model's position table (RoBERTa reserves two positions)."""
-    cfg = model.config
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if limit and cfg.model_type in ("roberta", "xlm-roberta"):
-        limit -= 2
-    return min(wanted, limit) if limit else wanted
-
 
 TEST_GROUP = 16  # test batches whose frozen prefix is computed together (~15 MB on SmolLM2)
 
 
-class EvalWorker:
+class EvalWorker(Scorer):
     def __init__(self, cfg: RunConfig, stats: dict | None = None,
                  loaded: models.LoadedModel | None = None, splits: Splits | None = None):
         self.cfg = cfg
         if cfg.eval.lean_heap and models.resolve_device(cfg.model.device).type == "cpu":
             lean_heap()  # before the model is loaded: its buffers follow the same rule
-        spec = task_spec(cfg.task)
+        task_spec(cfg.task)  # an unknown task is refused before data or model load
         splits = splits or load_splits(cfg)
         own = loaded is None  # a preloaded model (tests, benchmarks) keeps the full-forward path
         loaded = loaded or models.load(cfg.model)
-        self.model, self.kind, self.device = loaded.model, loaded.kind, loaded.device
-        template = resolve_template(spec, self.kind, cfg.task.template, cfg.task.label_words)
-        self.prompter = Prompter(loaded.tokenizer, self.kind, spec, template, cfg.task,
-                                 model_max_length(self.model, cfg.model.max_length))
-        sizes = {"train": cfg.eval.train_batch_size, "dev": cfg.eval.batch_size,
-                 "test": cfg.eval.batch_size}
-        self.examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}
-        self.batches = {
-            name: [b.to(self.device) for b in self.prompter.batches(examples, sizes[name])]
-            for name, examples in self.examples.items()
-        }
+        super().__init__(cfg, loaded, splits)  # prompts, batches, label head (workers/scorer.py)
         self.arch = architecture(self.model)
-        self.head = LabelHead(self.model, self.prompter.label_ids)
         order = [i for i in cfg.schedule.layers or () if 0 <= i < self.n_layers]
         self.searched = frozenset(order or range(self.n_layers))  # layers that take vectors
         self.first = min(self.searched)  # no layer below it ever changes
@@ -266,13 +239,6 @@ class EvalWorker:
 
     # -- committed-state scoring ------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """Label logits of the committed model for one batch (a plain full forward)."""
-        inputs = fastpath.model_inputs(batch, self.kind)
-        hidden = self.model.base_model(**inputs).last_hidden_state
-        return self.head(fastpath.gather_positions(hidden, batch.positions))
-
-    @torch.no_grad()
     def prefix_logits(self, state: fastpath.BatchState, start: int | None = None) -> torch.Tensor:
         """`logits(state.batch)` from the stored hidden state entering layer `start` (default
         `first`): the same layers, final norm (on every position, as the base model applies
@@ -282,35 +248,21 @@ class EvalWorker:
         hidden = self.arch.final_norm(hidden)
         return self.head(fastpath.gather_positions(hidden, state.batch.positions))
 
-    def predict(self, split: str, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
-        """Label logits and gold labels of shard i of n of a split's batches (committed state).
-
-        Shards let several workers score one large test split (70k DBPedia examples) between
-        them; `combine_scores` turns the concatenated shards into the split's metrics.
-        """
-        if split not in self.batches:
-            raise DfoloraError(f"unknown split '{split}'; expected train, dev or test")
-        index, count = shard
-        if not 0 <= index < count:
-            raise DfoloraError(f"shard {shard} must be (i, n) with 0 <= i < n")
-        batches = self.batches[split][index::count]
-        if not batches:
-            return np.zeros((0, len(self.prompter.label_ids)), np.float32), np.zeros(0, np.int64)
+    def split_logits(self, split: str, batches: list[Batch],
+                     shard: tuple[int, int]) -> list[torch.Tensor]:
+        """Label logits of the committed model for a shard of a split's batches: from the
+        stored frozen prefix where there is one (train, dev), from a frozen prefix made a group
+        of batches at a time for test (not kept), else by a full forward."""
         if self.prefix is not None and split in self.prefix:
-            parts = [self.prefix_logits(state) for state in self.prefix[split][index::count]]
-        elif self.prefix is not None:  # test: its prefix made group by group, not kept
-            parts = [self.prefix_logits(state)
-                     for start in range(0, len(batches), TEST_GROUP)
-                     for state in self._frozen_prefix(batches[start:start + TEST_GROUP])]
-            release_free_memory()
-        else:
-            parts = [self.logits(b) for b in batches]
-        logits = torch.cat(parts).float().cpu().numpy()
-        return logits, torch.cat([b.labels for b in batches]).cpu().numpy()
-
-    def score(self, split: str) -> dict:
-        """Loss, accuracy and F1 of the committed state on 'train', 'dev' or 'test'."""
-        return combine_scores([self.predict(split)], self.cfg)
+            index, count = shard
+            return [self.prefix_logits(state) for state in self.prefix[split][index::count]]
+        if self.prefix is None:
+            return super().split_logits(split, batches, shard)
+        parts = [self.prefix_logits(state)
+                 for start in range(0, len(batches), TEST_GROUP)
+                 for state in self._frozen_prefix(batches[start:start + TEST_GROUP])]
+        release_free_memory()
+        return parts
 
     # -- outputs and diagnostics ------------------------------------------------------------------
     def peft_adapter(self) -> tuple[dict, dict]:
@@ -369,9 +321,3 @@ def rescores_commits(setting: str, dtype: torch.dtype) -> bool:
         return dtype in (torch.bfloat16, torch.float16)
     return setting == "on"
 
-
-def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig) -> dict:
-    """Metrics of a split from the (logits, labels) of its shards, in any order."""
-    logits = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-    labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    return classification_metrics(logits, labels, cfg.eval.loss, cfg.eval.hinge_margin)

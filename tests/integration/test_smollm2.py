@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig
-from workers import models, zeroshot
+from orchestrator import cli
+from workers import models
 from workers.reference import reference_losses
-from workers.worker import EvalWorker, load_splits
+from workers.scorer import load_splits
+from workers.worker import EvalWorker
 
 pytestmark = pytest.mark.integration
 CFG = RunConfig.from_dict({"task": {"max_test": 16}})
@@ -67,12 +69,16 @@ def test_splits_are_true_few_shot():
     assert len(splits.test) == 16
 
 
-def test_zero_shot_command_reports_two_templates(capsys):
-    code = zeroshot.main(["--max-test", "16", "--templates", "default", "instruct"])
-    assert code == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_zero_shot_command_scores_each_template(tmp_path):
+    """`dfolora zero-shot` (the one zero-shot path) on both named templates."""
+    scored = {}
     for name in ("default", "instruct"):
-        test = report["results"][name]["test"]
+        out = tmp_path / name
+        code = cli.main(["zero-shot", "--set", "task.max_test=16", "--set",
+                         f"task.template={name}", "--out", str(out), "--progress", "quiet"])
+        assert code == 0
+        scored[name] = json.loads((out / "results.json").read_text())["final"]["test"]
+    for test in scored.values():
         hits = test["accuracy"] * 16  # a count of the 16 test examples
         assert test["n"] == sum(test["predicted_counts"]) == 16 and hits == round(hits)
-    assert report["results"]["default"]["template"] != report["results"]["instruct"]["template"]
+    assert scored["default"]["loss"] != scored["instruct"]["loss"]

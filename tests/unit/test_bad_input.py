@@ -18,7 +18,8 @@ import tiny
 from common import data
 from common.config import ModelConfig, RunConfig
 from common.errors import ConfigError, DataError, DfoloraError, ModelError
-from workers import models, zeroshot
+from orchestrator import cli
+from workers import models
 from workers.worker import EvalWorker
 
 DIM = 500  # the default adapter.dim
@@ -119,8 +120,9 @@ def test_bad_device(device, monkeypatch):
     assert device.split(":")[0] in one_line(err) and "model.device" in str(err.value)
 
 
-def test_cli_reports_one_error_line(capsys):
-    assert zeroshot.main(["--model", "/nonexistent/x", "--max-test", "5"]) == 2
+def test_cli_reports_one_error_line(capsys, tmp_path):
+    assert cli.main(["zero-shot", "--set", "model.name=/nonexistent/x", "--set",
+                     "task.max_test=5", "--out", str(tmp_path / "z")]) == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -128,8 +130,9 @@ def test_cli_reports_one_error_line(capsys):
     assert err.rstrip().splitlines()[-1] == errors[0]
 
 
-def test_cli_config_error_is_one_line(capsys):
-    assert zeroshot.main(["--model", "/nonexistent/x", "--k", "0"]) == 2
+def test_cli_config_error_is_one_line(capsys, tmp_path):
+    assert cli.main(["zero-shot", "--set", "model.name=/nonexistent/x", "--set", "task.k=0",
+                     "--out", str(tmp_path / "z")]) == 2
     _, err = capsys.readouterr()
     assert err.strip() == "error: task.k must be > 0, got 0"
 

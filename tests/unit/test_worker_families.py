@@ -127,7 +127,7 @@ def test_delta_norms_report_committed_layers(worker):
 
 
 def test_test_split_divided_among_workers_scores_the_same(worker):
-    from workers.worker import combine_scores
+    from workers.scorer import combine_scores
 
     whole = worker.score("test")
     parts = [worker.predict("test", (i, 3)) for i in (2, 0, 1)]  # any order
