@@ -1,7 +1,7 @@
 """Dispatch efficiency of the Ray evaluator, with simulated scoring at a fixed cost per candidate.
 
     python bench/dispatch.py [--cost 0.02] [--generations 3] [--actors 1,2,4,8,16]
-                             [--populations 20,256] [--chunk-size N] [--straggler 3]
+                             [--populations 20,256] [--chunk-size N|guided] [--straggler 3]
                              [--backup both|on|off] [--example-shards 1,auto] [--batches 8]
 
 The real `RayEvaluator` (orchestrator/evaluation/ray_eval.py) drives actors whose `evaluate`
@@ -112,6 +112,11 @@ def expected_losses(Z: np.ndarray, batches: int = 8) -> np.ndarray:
     return combine_batches(sim_terms(Z, 0, batches, batches))[0]
 
 
+def chunk_option(text: str) -> int | str:
+    """--chunk-size: an integer or "guided" (cluster.chunk_size)."""
+    return text if text == "guided" else int(text)
+
+
 def chunk_makespan(sizes: list[int], actors: int, cost: float, straggler: float = 1.0) -> float:
     """Generation time with no overhead and no backups: chunks in index order, each to the first
     idle actor (the lowest-numbered of those idle at once); actor 0 is `straggler` times slower."""
@@ -155,7 +160,7 @@ def piece_sizes(ev: RayEvaluator, n: int, batches: int) -> list[float]:
 
 
 def measure(actors: int, populations: list[int], cost: float, generations: int,
-            chunk_size: int | None = None, seed: int = 0, straggler: float = 3.0,
+            chunk_size: int | str | None = None, seed: int = 0, straggler: float = 3.0,
             backup: str = "both", example_shards: tuple = (1,),
             batches: int = 8) -> list[dict]:
     """One evaluator with `actors` simulated actors; one row per setting and population (a
@@ -210,7 +215,7 @@ def key(row: dict) -> str:
 
 
 def run_bench(actor_counts: list[int], populations: list[int], cost: float, generations: int,
-              chunk_size: int | None = None, straggler: float = 3.0,
+              chunk_size: int | str | None = None, straggler: float = 3.0,
               backup: str = "both", example_shards: tuple = (1,),
               batches: int = 8) -> dict:
     rows = [r for a in actor_counts
@@ -258,8 +263,9 @@ def main() -> None:
                         help="comma-separated actor counts")
     parser.add_argument("--populations", type=ints, default=[20, 256],
                         help="comma-separated population sizes")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="candidates per chunk (default: the evaluator's own choice)")
+    parser.add_argument("--chunk-size", type=chunk_option, default=None,
+                        help="candidates per chunk, or 'guided' (shrinking chunks); default: "
+                             "the evaluator's own choice")
     parser.add_argument("--straggler", type=float, default=3.0,
                         help="how many times slower the straggler scores (1: no straggler rows)")
     parser.add_argument("--backup", choices=("both", "on", "off"), default="both",

@@ -150,7 +150,9 @@ class ClusterConfig:
     num_actors: int = 0
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
-    chunk_size: int | None = None  # candidates per dispatched chunk; null: population/(2 actors)
+    # candidates per dispatched chunk; null: population/(2 actors) near-equal chunks; "guided":
+    # chunks that shrink towards the end of a generation (docs/design.md §6)
+    chunk_size: int | str | None = None
     deadline_s: float | None = None  # an actor silent this long is replaced; null: no deadline
     address: str | None = None  # an existing cluster; null: RAY_ADDRESS or a local one
     # idle actors run copies of the longest-outstanding chunks; the first answer wins (the same
@@ -213,8 +215,11 @@ class RunConfig:
             "optimizer.sigma0": self.optimizer.sigma0,
             "cluster.cpus_per_actor": self.cluster.cpus_per_actor,
         }
+        if isinstance(self.cluster.chunk_size, str) and self.cluster.chunk_size != "guided":
+            raise ConfigError(f"cluster.chunk_size must be an integer > 0, null or \"guided\", "
+                              f"got {self.cluster.chunk_size!r}")
         for key in ("chunk_size", "deadline_s"):  # optional, but positive when given
-            if getattr(self.cluster, key) is not None:
+            if getattr(self.cluster, key) not in (None, "guided"):
                 positive[f"cluster.{key}"] = getattr(self.cluster, key)
         shards = self.cluster.example_shards
         if shards != "auto" and not (isinstance(shards, int) and shards >= 1):

@@ -48,19 +48,41 @@ from .pool import MAX_LOSSES, ActorPool, raised_by_code, task_failure
 Chunk = tuple[int, int]  # candidates [start, stop)
 Piece = tuple[int, int, int]  # (start, stop, shard): a chunk's candidates on one example shard
 OVERDUE = 1.5  # a chunk out this many times a typical actor's time for it gets a copy
+SLOW = 1.5  # an actor whose last rate is this many times the typical one's is known slow
 
 
-def chunks(n: int, chunk_size: int | None, num_actors: int) -> list[Chunk]:
+def chunks(n: int, chunk_size: int | str | None, num_actors: int) -> list[Chunk]:
     """(start, stop) index ranges, fixed by the population size and the configured actor
     count, never by who is alive. Default: 2 x actors near-equal chunks, larger first
     (np.array_split's rule), so 20 candidates on 8 actors are 4 x 2 + 12 x 1 rather than
-    10 x 2: equal-size chunks can leave one extra round (bench/dispatch.py measured it)."""
+    10 x 2: equal-size chunks can leave one extra round (bench/dispatch.py measured it).
+    An integer: chunks of that many. "guided": chunks that shrink towards the end (`guided`)."""
+    if chunk_size == "guided":
+        return guided(n, num_actors)
     if chunk_size:
         return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     parts = min(n, 2 * num_actors)
     base, extra = divmod(n, parts)
     bounds = np.cumsum([0] + [base + (i < extra) for i in range(parts)])
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def guided(n: int, num_actors: int) -> list[Chunk]:
+    """Shrinking chunks, in the spirit of guided self-scheduling and factoring (Polychronopoulos
+    & Kuck 1987; Hummel, Schonberg & Flynn 1992): rounds of one chunk per actor, each round
+    covering half of what is left, never under n / (8 x actors) candidates (nor under 1). The
+    first rounds keep round trips few; the small last chunks let the actors finish together,
+    and a slow actor can take one it finishes in time (`Generation._in_time`)."""
+    floor = max(1, n // (8 * num_actors))
+    out, start = [], 0
+    while start < n:
+        size = max(floor, (n - start) // (2 * num_actors))
+        for _ in range(num_actors):
+            if start >= n:
+                break
+            out.append((start, min(n, start + size)))
+            start = out[-1][1]
+    return out
 
 
 def example_shards(setting: int | str, num_actors: int, n_chunks: int, n_batches: int) -> int:
@@ -209,16 +231,47 @@ class Generation:
         return None
 
     def _pick(self, chunk: Piece):
-        """An idle actor for the chunk: for a retry not the one it raised on, unless no other
-        actor is alive or starting (then waiting would be forever)."""
+        """An idle actor for the chunk: one that can finish it in time (`_in_time`), and for a
+        retry not the one it raised on, unless no other actor is alive or starting (then
+        waiting would be forever)."""
         avoid = self.raised.get(chunk)
-        others = [a for a in self.idle if a != avoid]
+        others = [a for a in self.idle if a != avoid and self._in_time(a, chunk)]
         if others:
             return others[0]
         busy_elsewhere = any(a != avoid for a, _, _ in self.running.values())
         if avoid in self.idle and not busy_elsewhere and not self.pool.starting:
             return avoid
         return None
+
+    def _in_time(self, actor, chunk: Piece) -> bool:
+        """Whether `actor` may take `chunk`. Any actor may, except one known to be slow (its
+        last rate SLOW times the typical one or more): it takes a chunk only if it is expected
+        to finish it by the time the live actors, at their summed speed, would finish all the
+        work still to do. So a straggler takes what it can finish and never holds a
+        generation's last chunk; left alone it takes everything (docs/design.md §6)."""
+        rates, typical = self.pool.rates, typical_rate(self.pool.rates)
+        rate = rates.get(actor)
+        if typical is None or rate is None or rate < SLOW * typical:
+            return True
+        speed = sum(1.0 / (rates.get(a) or typical) for a in self.pool.actors)
+        return self._work(chunk) * rate <= self._remaining() / speed
+
+    def _remaining(self) -> float:
+        """The work still to do, in candidates scored on every batch: the queue's, and what
+        each running chunk has left by its actor's last rate (a chunk counted once)."""
+        rates, typical = self.pool.rates, typical_rate(self.pool.rates) or 0.0
+        now = time.monotonic()
+        left = sum(self._work(c) for c in self.queue)
+        for a, c, began in self.running.values():
+            rate = rates.get(a) or typical
+            if self._first_copy(a, c):
+                done = (now - began) / rate if rate else 0.0
+                left += max(0.0, self._work(c) - done)
+        return left
+
+    def _first_copy(self, actor, chunk: Piece) -> bool:
+        """True for one running copy of each chunk (the remaining work counts a chunk once)."""
+        return next(a for a, c, _ in self.running.values() if c == chunk) == actor
 
     def _gather(self, ref) -> None:
         actor, chunk, began = self.running.pop(ref)

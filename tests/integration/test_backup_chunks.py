@@ -103,14 +103,17 @@ def test_a_straggler_is_overtaken_and_results_are_identical(ev):
     ev.backup_chunks = False
     plain, plain_s = evaluate(ev, Z)  # waits for the straggler's chunk 0
     assert ev.backups == 0 and ev.pool.draining == {}
+    known, known_s = evaluate(ev, Z)  # now known slow: it takes no chunk it cannot finish
+    assert slow_pid not in known.accuracies and known_s < SLOW * COST
+    ev.pool.rates.pop(ev.actors[0])  # forgotten, like a straggler that has just turned slow
     ev.backup_chunks = True
-    raced, raced_s = evaluate(ev, Z)  # a copy of chunk 0 overtakes the straggler
+    raced, raced_s = evaluate(ev, Z)  # it takes chunk 0 again; a copy overtakes it
     assert ev.backups >= 1 and slow_pid not in raced.accuracies
     assert ev.actors[0] in ev.pool.draining  # still at work on its losing copy
     busy, _ = evaluate(ev, Z)  # the draining straggler gets nothing
     assert slow_pid not in busy.accuracies
     np.testing.assert_array_equal(plain.losses, expected(Z))
-    for result in (raced, busy):
+    for result in (known, raced, busy):
         np.testing.assert_array_equal(result.losses, plain.losses)
     assert plain_s >= 2 * SLOW * COST > SLOW * COST > raced_s
 
