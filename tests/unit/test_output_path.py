@@ -100,7 +100,7 @@ def test_self_check_refuses_a_head_the_fast_path_gets_wrong():
 @pytest.mark.parametrize("family", ["electra", "gemma2"])
 def test_self_check_refuses_the_old_label_head(family, monkeypatch):
     """The bug of issue 13: a head without ELECTRA's prediction head or Gemma's soft-capping."""
-    monkeypatch.setattr("workers.worker.LabelHead", old_head)
+    monkeypatch.setattr("workers.scorer.LabelHead", old_head)  # where EvalWorker builds it
     with pytest.raises(ModelError, match=f"model type '{family}'.*self-check"):
         make_worker(family)
 
