@@ -235,8 +235,11 @@ class Generation:
         retry not the one it raised on, unless no other actor is alive or starting (then
         waiting would be forever)."""
         avoid = self.raised.get(chunk)
-        others = [a for a in self.idle if a != avoid and self._in_time(a, chunk)]
-        if others:
+        others = [a for a in self.idle if a != avoid]
+        fit = [a for a in others if self._in_time(a, chunk)]
+        if fit:
+            return fit[0]
+        if others and avoid is not None:  # a retry goes to another actor, slow or not
             return others[0]
         busy_elsewhere = any(a != avoid for a, _, _ in self.running.values())
         if avoid in self.idle and not busy_elsewhere and not self.pool.starting:
