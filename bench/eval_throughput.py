@@ -137,7 +137,7 @@ def memory_backprop(args) -> dict:
     params, _ = run.attach()
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     with torch.enable_grad():
-        loss = run.loss(run.train_examples)  # all training examples in one batch
+        loss = run.loss(list(run.examples["train"]))  # all training examples in one batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -156,7 +156,6 @@ class LoraRun(Scorer):
 
     def __init__(self, cfg: RunConfig, loaded: models.LoadedModel, splits: Splits):
         super().__init__(cfg, loaded, splits)  # self.model: PEFT injects into its modules
-        self.train_examples = list(splits.train)
         self.peft: PeftModel | None = None
 
     # -- training ------------------------------------------------------------------------------
@@ -214,7 +213,7 @@ class LoraRun(Scorer):
         if out_dir is not None:
             export_peft(self.peft, out_dir, self.cfg.model.name)
         final = {split: self.score(split) for split in ("train", "dev", "test")}
-        n, passes = len(self.train_examples), epochs * len(lrs)
+        n, passes = len(self.examples["train"]), epochs * len(lrs)
         return {"method": METHOD, "zero_shot": zero, "final": final, "best_epoch": best["epoch"],
                 "evaluations": n * passes, "evaluations_unit": "training example forward passes "
                 "(each with a backward pass), over every lr of the grid; a DFO evaluation is one "
@@ -235,10 +234,10 @@ class LoraRun(Scorer):
     def _epoch(self, opt: torch.optim.Optimizer, batch_size: int,
                order: torch.Generator) -> tuple[float, int]:
         """One shuffled pass; returns the mean training loss over its examples and the steps."""
-        perm = torch.randperm(len(self.train_examples), generator=order).tolist()
+        perm = torch.randperm(len(self.examples["train"]), generator=order).tolist()
         total, steps = 0.0, 0
         for lo in range(0, len(perm), batch_size):
-            chunk = [self.train_examples[i] for i in perm[lo : lo + batch_size]]
+            chunk = [self.examples["train"][i] for i in perm[lo : lo + batch_size]]
             loss = self.loss(chunk)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -22,8 +22,6 @@ from workers.batches import Batch, Prompter
 from workers.head import LabelHead
 from workers.scoring import classification_metrics
 
-SPLITS = ("train", "dev", "test")
-
 
 def load_splits(cfg: RunConfig) -> Splits:
     """The run's few-shot train/dev and its test split (common/loaders.py: files, hub, offline)."""

@@ -42,7 +42,6 @@ TEST_GROUP = 16  # test batches whose frozen prefix is computed together (~15 MB
 class EvalWorker(Scorer):
     def __init__(self, cfg: RunConfig, stats: dict | None = None,
                  loaded: models.LoadedModel | None = None, splits: Splits | None = None):
-        self.cfg = cfg
         if cfg.eval.lean_heap and models.resolve_device(cfg.model.device).type == "cpu":
             lean_heap()  # before the model is loaded: its buffers follow the same rule
         task_spec(cfg.task)  # an unknown task is refused before data or model load

@@ -257,24 +257,19 @@ class Generation:
         if typical is None or rate is None or rate < SLOW * typical:
             return True
         speed = sum(1.0 / (rates.get(a) or typical) for a in self.pool.actors)
-        return self._work(chunk) * rate <= self._remaining() / speed
+        return self._work(chunk) * rate <= self._remaining(typical) / speed
 
-    def _remaining(self) -> float:
+    def _remaining(self, typical: float) -> float:
         """The work still to do, in candidates scored on every batch: the queue's, and what
-        each running chunk has left by its actor's last rate (a chunk counted once)."""
-        rates, typical = self.pool.rates, typical_rate(self.pool.rates) or 0.0
-        now = time.monotonic()
+        each running chunk has left by its actor's last rate (`typical` where unmeasured; a
+        chunk with copies at work counted once, by its first)."""
+        now, seen, rates = time.monotonic(), set(), self.pool.rates
         left = sum(self._work(c) for c in self.queue)
         for a, c, began in self.running.values():
-            rate = rates.get(a) or typical
-            if self._first_copy(a, c):
-                done = (now - began) / rate if rate else 0.0
-                left += max(0.0, self._work(c) - done)
+            if c not in seen:
+                seen.add(c)
+                left += max(0.0, self._work(c) - (now - began) / (rates.get(a) or typical))
         return left
-
-    def _first_copy(self, actor, chunk: Piece) -> bool:
-        """True for one running copy of each chunk (the remaining work counts a chunk once)."""
-        return next(a for a, c, _ in self.running.values() if c == chunk) == actor
 
     def _gather(self, ref) -> None:
         actor, chunk, began = self.running.pop(ref)
