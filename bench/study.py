@@ -37,6 +37,9 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "l2": ["run", "--set", "schedule.l2=0.05"],  # too strong at sigma0 1: nothing is accepted
     "l2x4": ["run", "--set", "schedule.l2=0.2"],
     "l2s": ["run", "--set", "schedule.l2=0.005"],
+    # label logits centred on their train means, in the loss and in every score (fifth session)
+    "calib": ["run", "--set", "eval.calibrate=train"],
+    "lora-calib": ["lora", "--set", "eval.calibrate=train"],  # scoring only: LoRA's loss is CE
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
     "layers3": ["run", "--set", "schedule.layers=[29,28,27]"],

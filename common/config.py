@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapter.init": ("qk-input", "paper", "paper-a-only", "random"),
     "eval.loss": ("ce", "hinge"),
     "eval.rescore_commits": ("auto", "on", "off"),
+    "eval.calibrate": ("off", "train"),
     "schedule.alternate": ("round", "layer"),
     "schedule.accept": ("elitist", "xbest", "mean"),
     "schedule.select": ("metric", "loss"),
@@ -103,6 +104,9 @@ class EvalConfig:
     # CPU only: have the C heap return big freed buffers to the system at once, so a run's peak
     # memory is what it uses, not what the heap kept (docs/design.md §7; costs CPU search time)
     lean_heap: bool = True
+    # train: every label's logit less its mean over the training examples, in the search's loss
+    # and in every score, so no evaluation is spent on the label bias (docs/design.md §3)
+    calibrate: str = "off"
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,10 @@ class RunConfig:
         if shards != "auto" and not (isinstance(shards, int) and shards >= 1):
             raise ConfigError(f"cluster.example_shards must be \"auto\" or an integer >= 1, "
                               f"got {shards!r}")
+        if self.eval.calibrate != "off" and shards not in ("auto", 1):
+            raise ConfigError(f"eval.calibrate={self.eval.calibrate} scores each candidate on the "
+                              f"whole training set: cluster.example_shards must be 1 or "
+                              f"\"auto\", got {shards!r}")
         if self.cluster.num_actors < -1 or self.cluster.gpus_per_actor < 0:
             raise ConfigError(f"cluster.num_actors must be >= -1 (-1: one per GPU or CPU pair) "
                               f"and cluster.gpus_per_actor >= 0, got "

@@ -56,8 +56,11 @@ class ActorShell:
     def predict(self, split: str, shard: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         return self.worker.predict(split, shard)
 
-    def combine(self, *parts: tuple[np.ndarray, np.ndarray]) -> dict:
-        return combine_scores(list(parts), self.worker.cfg)
+    def combine(self, *parts: tuple[np.ndarray, np.ndarray], n_train: int = 0) -> dict:
+        """A split's metrics from its shards; the last `n_train` parts are the training split's
+        shards, for `eval.calibrate` (workers/scorer.py)."""
+        split, train = parts[:len(parts) - n_train], parts[len(parts) - n_train:]
+        return combine_scores(list(split), self.worker.cfg, list(train) or None)
 
     def diagnostics(self, delta_norms: bool = False) -> Diagnostics:
         """This actor's peak memory and stack cap (and delta norms, when asked); the Ray

@@ -20,7 +20,7 @@ from common.tasks import resolve_template, task_spec
 from workers import fastpath, models
 from workers.batches import Batch, Prompter
 from workers.head import LabelHead
-from workers.scoring import classification_metrics
+from workers.scoring import classification_metrics, label_offsets
 
 
 def load_splits(cfg: RunConfig) -> Splits:
@@ -37,10 +37,17 @@ def model_max_length(model, wanted: int) -> int:
     return min(wanted, limit) if limit else wanted
 
 
-def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig) -> dict:
-    """Metrics of a split from the (logits, labels) of its shards, in any order."""
+def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig,
+                   train: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
+    """Metrics of a split from the (logits, labels) of its shards, in any order; under
+    `eval.calibrate=train`, with the logits less the label offsets of the training split's
+    shards `train` (workers/scoring.py)."""
     logits = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    if cfg.eval.calibrate == "train":
+        if not train:
+            raise DfoloraError("eval.calibrate=train: scoring needs the training split's logits")
+        logits = logits - label_offsets(torch.from_numpy(np.concatenate([p[0] for p in train])))
     return classification_metrics(logits, labels, cfg.eval.loss, cfg.eval.hinge_margin)
 
 
@@ -99,5 +106,17 @@ class Scorer:
         return [self.logits(b) for b in batches]
 
     def score(self, split: str) -> dict:
-        """Loss, accuracy and F1 of the model as it stands on 'train', 'dev' or 'test'."""
-        return combine_scores([self.predict(split)], self.cfg)
+        """Loss, accuracy and F1 of the model as it stands on 'train', 'dev' or 'test'
+        (calibrated on train under `eval.calibrate=train`)."""
+        parts = [self.predict(split)]
+        train = None
+        if self.cfg.eval.calibrate != "off":
+            train = parts if split == "train" else [self.predict("train")]
+        return combine_scores(parts, self.cfg, train)
+
+    def label_offsets(self) -> list[float] | None:
+        """The offsets subtracted from each label's logit (`eval.calibrate=train`), for export;
+        None when off."""
+        if self.cfg.eval.calibrate == "off":
+            return None
+        return label_offsets(torch.from_numpy(self.predict("train")[0]))[0].tolist()

@@ -24,6 +24,19 @@ def example_losses(logits: torch.Tensor, labels: torch.Tensor, loss: str,
     return hinge.sum(-1) / logits.shape[-1]
 
 
+def label_offsets(train_logits: torch.Tensor) -> torch.Tensor:
+    """`eval.calibrate=train`: each label's mean logit over the training examples,
+    (..., B, K) -> (..., 1, K) in float32.
+
+    Subtracted from every logit, it makes a loss or a prediction blind to a constant added to
+    one label's logits: the label bias that a frozen prompt carries (contextual calibration,
+    Zhao et al. 2021; batch calibration, Zhou et al. 2024, with the training set as the batch).
+    The training split is class-balanced (k per class), so a centred label is predicted about
+    as often as the others (docs/design.md §3).
+    """
+    return train_logits.float().mean(-2, keepdim=True)
+
+
 def f1_score(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:
     """Binary F1 of class 1 for two classes, macro-F1 otherwise."""
     classes = [1] if n_classes == 2 else range(n_classes)

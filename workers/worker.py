@@ -33,7 +33,7 @@ from workers.calibration import calibrate
 from workers.memory import lean_heap, release_free_memory
 from workers.projection import CalibrationStats, LayerShape, Projector
 from workers.scorer import Scorer, load_splits
-from workers.scoring import example_losses
+from workers.scoring import example_losses, label_offsets
 from workers.selfcheck import self_check
 
 TEST_GROUP = 16  # test batches whose frozen prefix is computed together (~15 MB on SmolLM2)
@@ -156,37 +156,54 @@ class EvalWorker(Scorer):
         index, count = shard
         if not 0 <= index < count:
             raise DfoloraError(f"shard {shard} must be (i, n) with 0 <= i < n")
+        if self.cfg.eval.calibrate != "off" and count > 1:
+            raise DfoloraError(f"eval.calibrate={self.cfg.eval.calibrate} scores each candidate "
+                               f"on the whole training set: example shards are off")
         first, stop = shard_range(len(self.states), index, count)
         self.advance_states(layer)
+        self.merge(layer, committed=False)  # candidates replace the layer's committed vector
+        try:
+            rows = [self._population_logits(layer, state, z) for state in self.states[first:stop]]
+        finally:
+            self.merge(layer)
+        offsets = self._offsets(rows)
         n = z.shape[0]
         loss_sums = np.zeros((stop - first, n), dtype=np.float64)
         hits = np.zeros((stop - first, n), dtype=np.float64)
         counts = np.zeros(stop - first, dtype=np.int64)
-        self.merge(layer, committed=False)  # candidates replace the layer's committed vector
-        try:
-            for row, state in enumerate(self.states[first:stop]):
-                start = 0
-                while start < n:
-                    sl = slice(start, min(start + self._stack_size(state), n))
-                    try:
-                        logits = self._stacked(layer, state, z[sl])
-                    except torch.OutOfMemoryError:
-                        if sl.stop - sl.start == 1:
-                            raise
-                        # stack size adapts to memory (docs/design.md §7): halve, remember, retry
-                        self._stack_cap = max(1, (sl.stop - sl.start) // 2)
-                        continue
-                    start = sl.stop
-                    losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
-                                            self.cfg.eval.hinge_margin)
-                    # the float32 sum over the batch's examples, widened (common/shards.py)
-                    loss_sums[row, sl] = losses.sum(-1).double().cpu().numpy()
-                    correct = logits.argmax(-1) == state.batch.labels
-                    hits[row, sl] = correct.sum(-1).double().cpu().numpy()
-                counts[row] = state.batch.labels.shape[0]
-        finally:
-            self.merge(layer)
+        for row, (state, logits) in enumerate(zip(self.states[first:stop], rows, strict=True)):
+            logits = logits.float() - offsets
+            losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
+                                    self.cfg.eval.hinge_margin)
+            # the float32 sum over the batch's examples, widened (common/shards.py)
+            loss_sums[row] = losses.sum(-1).double().cpu().numpy()
+            hits[row] = (logits.argmax(-1) == state.batch.labels).sum(-1).double().cpu().numpy()
+            counts[row] = state.batch.labels.shape[0]
         return BatchTerms(first, loss_sums, hits, counts)
+
+    def _population_logits(self, layer: int, state: fastpath.BatchState,
+                           z: torch.Tensor) -> torch.Tensor:
+        """Label logits (n, B, K) of every candidate on one training batch, stacked as memory
+        allows (docs/design.md §7): an out-of-memory pass is halved, remembered and retried."""
+        n, start, parts = z.shape[0], 0, []
+        while start < n:
+            sl = slice(start, min(start + self._stack_size(state), n))
+            try:
+                parts.append(self._stacked(layer, state, z[sl]))
+            except torch.OutOfMemoryError:
+                if sl.stop - sl.start == 1:
+                    raise
+                self._stack_cap = max(1, (sl.stop - sl.start) // 2)
+                continue
+            start = sl.stop
+        return torch.cat(parts)
+
+    def _offsets(self, logits: list[torch.Tensor]) -> torch.Tensor | float:
+        """The label offsets of `eval.calibrate=train` over every training example's logits
+        (workers/scoring.py), per candidate; 0 when off."""
+        if self.cfg.eval.calibrate == "off":
+            return 0.0
+        return label_offsets(torch.cat(logits, -2))
 
     @property
     def train_batches(self) -> int:
@@ -214,10 +231,12 @@ class EvalWorker(Scorer):
         (docs/design.md §9, eval.rescore_commits)."""
         self._check(layer, np.zeros(self.dim), ndim=1)
         self.advance_states(layer)
+        rows = [self.prefix_logits(state, layer) for state in self.states]
+        offsets = self._offsets(rows)
         loss_sum = correct = 0.0
         total = 0
-        for state in self.states:
-            logits = self.prefix_logits(state, layer)
+        for state, logits in zip(self.states, rows, strict=True):
+            logits = logits.float() - offsets
             losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
                                     self.cfg.eval.hinge_margin)
             loss_sum += float(losses.sum(-1).double().cpu())

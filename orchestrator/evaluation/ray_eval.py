@@ -51,6 +51,7 @@ class RayEvaluator(Evaluator):
         self.chunk_size, self.num_actors = chunk_size, num_actors
         self.backup_chunks, self.backups = backup_chunks, 0  # copies started, all generations
         self.example_shards = example_shards
+        self.calibrate = cfg.eval.calibrate != "off"  # candidates scored on all of train
         self._actor_cls = actor_cls
         self._args = {"threads": max(1, int(cpus_per_actor)), **(actor_args or {})}
         self.pool = ActorPool(self._spawn, start_timeout=start_timeout_s,
@@ -113,7 +114,10 @@ class RayEvaluator(Evaluator):
         return chunks(n, self.chunk_size, self.num_actors)
 
     def shards(self, n: int) -> int:
-        """Example shards per chunk for a population of n (dispatch.example_shards)."""
+        """Example shards per chunk for a population of n (dispatch.example_shards); none
+        under `eval.calibrate`, whose label offsets need every training example."""
+        if self.calibrate:
+            return 1
         return example_shards(self.example_shards, self.num_actors, len(self._chunks(n)),
                               self.train_batches)
 
@@ -136,7 +140,12 @@ class RayEvaluator(Evaluator):
         def call() -> dict:
             n = len(pool.actors)
             parts = [a.predict.remote(split, (i, n)) for i, a in enumerate(pool.actors)]
-            return pool.ray.get(pool.actors[0].combine.remote(*parts))
+            train = []  # eval.calibrate: the training split's shards too (its label offsets)
+            if self.calibrate:
+                train = parts if split == "train" else [
+                    a.predict.remote("train", (i, n)) for i, a in enumerate(pool.actors)]
+            return pool.ray.get(pool.actors[0].combine.remote(*parts, *train,
+                                                              n_train=len(train)))
 
         return pool.on_live_actors(call, f"scoring {split}")
 
