@@ -39,6 +39,7 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "l2s": ["run", "--set", "schedule.l2=0.005"],
     # label logits centred on their train means, in the loss and in every score (fifth session)
     "calib": ["run", "--set", "eval.calibrate=train"],
+    "calib-loss": ["run", "--set", "eval.calibrate=train", "--set", "schedule.select=loss"],
     "lora-calib": ["lora", "--set", "eval.calibrate=train"],  # scoring only: LoRA's loss is CE
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],

@@ -94,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
                         "cluster.* and eval batch sizes change only how candidates are scored; "
                         "other optimiser and schedule keys act from the next generation. "
                         "Refused even so: model.*, task.*, adapter.*, seed, schedule.layers, "
-                        "optimizer.popsize, optimizer.sigma0, eval.loss, eval.hinge_margin")
+                        "optimizer.popsize, optimizer.sigma0, eval.loss, eval.hinge_margin, "
+                        "eval.calibrate")
     p.set_defaults(handler=commands.run)
 
     p = sub.add_parser("zero-shot", help="score the unadapted model on the same splits",

@@ -23,7 +23,7 @@ from orchestrator.reporting import (
     stream_jsonl_reporter,
     tensorboard_reporter,
 )
-from orchestrator.runfolder import ADAPTER, CONFIG, RESULTS, RunFolder, read_config
+from orchestrator.runfolder import ADAPTER, CONFIG, LABEL_OFFSETS, RESULTS, RunFolder, read_config
 from orchestrator.schedule import selection_metric
 
 
@@ -166,6 +166,8 @@ def export(args) -> int:
         from orchestrator.evaluation.local import merge_adapter
 
         merge_adapter(RunConfig.from_dict(read_config(source / CONFIG)), adapter, out.path)
+    if (adapter / LABEL_OFFSETS).exists():  # eval.calibrate: the decision rule travels along
+        shutil.copyfile(adapter / LABEL_OFFSETS, out / LABEL_OFFSETS)
     print(f"{args.format} export of {args.run_dir} written to {out.path}")
     return 0
 

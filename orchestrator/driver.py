@@ -299,7 +299,7 @@ class _Session:
         final["delta_norms"] = self.ev.diagnostics(delta_norms=True).delta_norms
         adapter = self.ev.adapter()
         if adapter is not None:
-            self.folder.write_adapter(*adapter)
+            self.folder.write_adapter(*adapter, final["train"].get("label_offsets"))
         self.log.final = final
         self.schedule.finish()
         self._emit({"event": "final", "best_dev_round": snapshot.round, **final})

@@ -27,6 +27,7 @@ from orchestrator.checkpoint import atomic_write, npz_bytes
 
 CONFIG, METRICS, RESULTS = "config.yaml", "metrics.jsonl", "results.json"
 VECTORS, ADAPTER, CHECKPOINTS, PLOTS = "best_vectors.npz", "adapter", "checkpoints", "plots"
+LABEL_OFFSETS = "label_offsets.json"  # in the adapter folder, under eval.calibrate=train
 
 
 class RunFolder:
@@ -105,8 +106,11 @@ class RunFolder:
         arrays = {f"layer_{k}": v for k, v in sorted(vectors.items())}
         atomic_write(self / VECTORS, npz_bytes(arrays), self.fsync)
 
-    def write_adapter(self, tensors: dict[str, np.ndarray], config: dict) -> Path:
-        """adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes."""
+    def write_adapter(self, tensors: dict[str, np.ndarray], config: dict,
+                      label_offsets: list[float] | None = None) -> Path:
+        """adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes;
+        with `label_offsets` (eval.calibrate=train) also label_offsets.json, which a plain PEFT
+        load ignores: subtract offsets[i] from label i's logit before the argmax."""
         from safetensors.numpy import save as save_bytes
 
         folder = self / ADAPTER
@@ -115,6 +119,12 @@ class RunFolder:
                      save_bytes(tensors, metadata={"format": "pt"}), self.fsync)
         atomic_write(folder / "adapter_config.json",
                      (json.dumps(config, indent=2) + "\n").encode(), self.fsync)
+        if label_offsets is not None:
+            note = ("eval.calibrate=train: subtract offsets[i] from the logit of label word i "
+                    "(the task's order) before taking the argmax")
+            atomic_write(folder / LABEL_OFFSETS, (json.dumps(
+                {"calibrate": "train", "offsets": label_offsets, "note": note}, indent=2)
+                + "\n").encode(), self.fsync)
         return folder
 
     def append_metrics(self, record: dict) -> None:

@@ -40,15 +40,18 @@ def model_max_length(model, wanted: int) -> int:
 def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig,
                    train: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """Metrics of a split from the (logits, labels) of its shards, in any order; under
-    `eval.calibrate=train`, with the logits less the label offsets of the training split's
-    shards `train` (workers/scoring.py)."""
+    `eval.calibrate=train`, of the logits less the label offsets of the training split's
+    shards `train` (workers/scoring.py), which the metrics then list as `label_offsets`."""
     logits = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    if cfg.eval.calibrate == "train":
-        if not train:
-            raise DfoloraError("eval.calibrate=train: scoring needs the training split's logits")
-        logits = logits - label_offsets(torch.from_numpy(np.concatenate([p[0] for p in train])))
-    return classification_metrics(logits, labels, cfg.eval.loss, cfg.eval.hinge_margin)
+    if cfg.eval.calibrate == "off":
+        return classification_metrics(logits, labels, cfg.eval.loss, cfg.eval.hinge_margin)
+    if not train:
+        raise DfoloraError("eval.calibrate=train: scoring needs the training split's logits")
+    offsets = label_offsets(torch.from_numpy(np.concatenate([p[0] for p in train])))
+    metrics = classification_metrics(logits - offsets, labels, cfg.eval.loss,
+                                     cfg.eval.hinge_margin)
+    return {**metrics, "label_offsets": offsets[0].tolist()}  # what was subtracted (exported)
 
 
 class Scorer:
@@ -113,10 +116,3 @@ class Scorer:
         if self.cfg.eval.calibrate != "off":
             train = parts if split == "train" else [self.predict("train")]
         return combine_scores(parts, self.cfg, train)
-
-    def label_offsets(self) -> list[float] | None:
-        """The offsets subtracted from each label's logit (`eval.calibrate=train`), for export;
-        None when off."""
-        if self.cfg.eval.calibrate == "off":
-            return None
-        return label_offsets(torch.from_numpy(self.predict("train")[0]))[0].tolist()

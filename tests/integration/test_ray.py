@@ -102,6 +102,32 @@ def test_example_shards_give_the_in_process_bits(cluster):
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_calibrated_scores_equal_in_process(cluster):
+    """eval.calibrate=train: no example shards even when "auto" would cut them, and the split
+    scores (test centred by train's label offsets, each actor scoring a shard) are in-process's."""
+    from orchestrator.evaluation.ray_eval import RayEvaluator
+
+    cfg = CFG.replace(**{"eval.calibrate": "train"})
+    remote = RayEvaluator(cfg, num_actors=2, chunk_size=10, example_shards="auto",
+                          actor_args={"loaded": tiny.model("gpt2"), "splits": tiny.splits()})
+    local = LocalEvaluator(cfg, stats=remote.stats, loaded=tiny.model("gpt2"),
+                           splits=tiny.splits())
+    try:
+        assert remote.shards(10) == 1
+        z = np.random.default_rng(3).standard_normal((10, remote.info.dim))
+        for ev in (remote, local):
+            ev.commit(2, z[0])
+        np.testing.assert_array_equal(remote.evaluate(1, z).losses, local.evaluate(1, z).losses)
+        for split in ("train", "test"):
+            a, b = remote.score(split), local.score(split)
+            for key in ("loss", "label_offsets"):
+                assert a.pop(key) == pytest.approx(b.pop(key), rel=1e-6)
+            assert a == b
+    finally:
+        remote.close()
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_small_run_with_example_shards_gives_the_in_process_run(cluster, tmp_path):
     """Chunks of the whole population (the in-process stacking: docs/design.md §9), each on
     two example shards: every generation's losses are the in-process run's, bit for bit."""

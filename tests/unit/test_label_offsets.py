@@ -1,0 +1,117 @@
+"""`eval.calibrate=train` (workers/scoring.py label_offsets): label logits less their mean over the
+training examples, in the search's loss, in the committed model's loss and in every score."""
+
+import json
+
+import numpy as np
+import pytest
+import tiny
+import torch
+from harness import run
+
+from common.config import RunConfig
+from common.errors import ConfigError, DfoloraError
+from orchestrator import cli
+from orchestrator.evaluation.local import LocalEvaluator
+from orchestrator.runfolder import ADAPTER, LABEL_OFFSETS
+from workers.scorer import combine_scores
+from workers.scoring import classification_metrics, example_losses, label_offsets
+from workers.worker import EvalWorker
+
+SETTINGS = {
+    "task": {"template": "{text} it was", "label_words": ["bad", "great"], "k": 4},
+    "eval": {"train_batch_size": 2, "max_stack_tokens": 100, "calibrate": "train"},
+    "schedule": {"layers": [2, 1]},
+}
+CFG = RunConfig.from_dict(SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = EvalWorker(CFG, loaded=tiny.model("gpt2"), splits=tiny.splits())
+    w.commit(2, np.random.default_rng(1).standard_normal(w.dim))
+    return w
+
+
+def centred(logits: np.ndarray, train: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(logits - train.mean(0, keepdims=True))
+
+
+def same(score: dict, expected: dict) -> bool:
+    score = {k: v for k, v in score.items() if k != "label_offsets"}
+    loss = score.pop("loss") == pytest.approx(expected.pop("loss"), rel=1e-6)
+    return loss and score == expected
+
+
+def test_a_constant_added_to_one_label_changes_no_calibrated_loss():
+    logits = torch.randn(3, 8, 2)
+    labels = torch.tensor([0, 1] * 4)
+    shifted = logits + torch.tensor([0.0, 5.0])  # a bias toward label 1
+    plain = example_losses(logits - label_offsets(logits), labels, "ce")
+    biased = example_losses(shifted - label_offsets(shifted), labels, "ce")
+    torch.testing.assert_close(plain, biased, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(example_losses(logits, labels, "ce"),
+                              example_losses(shifted, labels, "ce"))
+    assert label_offsets(logits).shape == (3, 1, 2)  # one offset per candidate and label
+
+
+def test_population_losses_are_the_calibrated_losses_of_each_committed_candidate(worker):
+    train_logits, labels = worker.predict("train")
+    expected = classification_metrics(centred(train_logits, train_logits),
+                                      torch.from_numpy(labels), "ce", 2.0)
+    score = worker.score("train")
+    assert score["label_offsets"] == pytest.approx(train_logits.mean(0).tolist(), rel=1e-6)
+    assert score["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert score["accuracy"] == expected["accuracy"]
+    # the committed model's loss, and a population holding its vector, give the same figure
+    assert float(worker.committed_loss(1).losses[0]) == pytest.approx(expected["loss"], rel=1e-5)
+    z = worker.committed[2]
+    result = worker.evaluate(2, np.stack([z, np.zeros_like(z)]))
+    assert result.losses[0] == pytest.approx(expected["loss"], rel=1e-5)
+    assert result.accuracies[0] == expected["accuracy"]
+
+
+def test_dev_and_test_are_centred_by_the_training_split(worker):
+    train_logits, _ = worker.predict("train")
+    for split in ("dev", "test"):
+        logits, labels = worker.predict(split)
+        expected = classification_metrics(centred(logits, train_logits),
+                                          torch.from_numpy(labels), "ce", 2.0)
+        assert same(worker.score(split), expected)
+
+
+def test_off_leaves_logits_as_they_are(worker):
+    plain = CFG.replace(**{"eval.calibrate": "off"})
+    logits, labels = worker.predict("dev")
+    expected = classification_metrics(torch.from_numpy(logits), torch.from_numpy(labels),
+                                      "ce", 2.0)
+    assert same(combine_scores([(logits, labels)], plain), expected)
+    with pytest.raises(DfoloraError, match="training split"):
+        combine_scores([(logits, labels)], CFG)  # calibrating with no training logits
+
+
+def test_example_shards_are_refused_under_calibration(worker):
+    with pytest.raises(DfoloraError, match="eval.calibrate"):
+        worker.batch_terms(1, np.zeros((2, worker.dim)), (0, 2))
+    with pytest.raises(ConfigError, match="example_shards"):
+        RunConfig.from_dict({**SETTINGS, "cluster": {"example_shards": 2}})
+    RunConfig.from_dict({**SETTINGS, "cluster": {"example_shards": "auto"}})  # resolves to 1
+    with pytest.raises(ConfigError, match="eval.calibrate"):
+        RunConfig.from_dict({"eval": {"calibrate": "yes"}})
+
+
+def test_a_run_exports_its_offsets_and_export_carries_them(tmp_path):
+    cfg = CFG.replace(budget=16, **{"optimizer.popsize": 4})
+    ev = LocalEvaluator(cfg, loaded=tiny.model("gpt2"), splits=tiny.splits())
+    result = run(cfg, tmp_path / "run", evaluator=ev)
+    written = json.loads((tmp_path / "run" / ADAPTER / LABEL_OFFSETS).read_text())
+    assert written["offsets"] == result.final["train"]["label_offsets"]
+    assert result.final["test"]["label_offsets"] == written["offsets"]  # one rule, every split
+    assert cli.main(["export", str(tmp_path / "run"), "--format", "peft", "--out",
+                     str(tmp_path / "peft")]) == 0
+    copied = json.loads((tmp_path / "peft" / LABEL_OFFSETS).read_text())
+    assert copied == written
+    plain = cfg.replace(**{"eval.calibrate": "off"})
+    ev = LocalEvaluator(plain, loaded=tiny.model("gpt2"), splits=tiny.splits())
+    run(plain, tmp_path / "plain", evaluator=ev)
+    assert not (tmp_path / "plain" / ADAPTER / LABEL_OFFSETS).exists()
