@@ -4,10 +4,11 @@
 
 For each run folder with a PEFT adapter (`dfolora run` or `dfolora lora`), the adapter is put on
 the base model and train, dev and test are scored through the run's own scorer
-(workers/scorer.py). Printed per run: the predicted class counts on test, the test accuracy as
-scored, and the test accuracy with the two-class margin (logit of class 1 minus class 0)
-re-centred by its median over the balanced train split, or over dev. A diagnosis only: the
-run's adapter is not changed, and nothing here is a method setting. Two-class tasks only.
+(workers/scorer.py). Printed per run: the predicted class counts on test and the test accuracy
+of the raw logits (as scored with `eval.calibrate=off`), and the test accuracy with the
+two-class margin (logit of class 1 minus class 0) re-centred by its mean over the balanced
+train split (the `eval.calibrate=train` rule), by its median there, or by its median over dev.
+A diagnosis: the run's adapter is not changed. Two-class tasks only.
 The last line of stdout is JSON.
 """
 
@@ -49,6 +50,8 @@ def probe(run: Path, loaded) -> dict:
     return {"run": str(run),
             "test_predicted": np.bincount((margin["test"] > 0).astype(int), minlength=2).tolist(),
             "test_accuracy": accuracy(margin["test"], labels["test"]),
+            "test_accuracy_train_mean_centred": accuracy(margin["test"], labels["test"],
+                                                         float(np.mean(margin["train"]))),
             "test_accuracy_train_centred": accuracy(margin["test"], labels["test"],
                                                     float(np.median(margin["train"]))),
             "test_accuracy_dev_centred": accuracy(margin["test"], labels["test"],
@@ -70,6 +73,7 @@ def main() -> None:
         rows.append(probe(run, loaded))
         r = rows[-1]
         print(f"{run.name:<28} predicted {r['test_predicted']} test {r['test_accuracy']:.3f} "
+              f"train-mean-centred {r['test_accuracy_train_mean_centred']:.3f} "
               f"train-centred {r['test_accuracy_train_centred']:.3f} "
               f"dev-centred {r['test_accuracy_dev_centred']:.3f}", flush=True)
     print(json.dumps(rows))

@@ -8,6 +8,7 @@ one message.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,3 +51,14 @@ class Diagnostics:
     # per layer {layer, q_ratio, k_ratio}: each committed delta's size relative to its weights
     # (§2); filled only when asked for (`diagnostics(delta_norms=True)`), empty if unknown
     delta_norms: list[dict] = field(default_factory=list)
+
+
+LABEL_OFFSETS = "label_offsets.json"  # beside an adapter's PEFT files, under eval.calibrate=train
+
+
+def label_offsets_document(offsets: list[float]) -> str:
+    """The contents of label_offsets.json: the decision rule a calibrated run's scores used
+    (docs/design.md §3), which a plain PEFT load ignores."""
+    note = ("eval.calibrate=train: subtract offsets[i] from the logit of label word i (the "
+            "task's order) before taking the argmax")
+    return json.dumps({"calibrate": "train", "offsets": offsets, "note": note}, indent=2) + "\n"

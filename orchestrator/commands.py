@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.messages import LABEL_OFFSETS
 from orchestrator import presets
 from orchestrator.reporting import (
     bar_reporter,
@@ -23,7 +24,7 @@ from orchestrator.reporting import (
     stream_jsonl_reporter,
     tensorboard_reporter,
 )
-from orchestrator.runfolder import ADAPTER, CONFIG, LABEL_OFFSETS, RESULTS, RunFolder, read_config
+from orchestrator.runfolder import ADAPTER, CONFIG, RESULTS, RunFolder, read_config
 from orchestrator.schedule import selection_metric
 
 

@@ -23,11 +23,11 @@ import yaml
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.messages import LABEL_OFFSETS, label_offsets_document
 from orchestrator.checkpoint import atomic_write, npz_bytes
 
 CONFIG, METRICS, RESULTS = "config.yaml", "metrics.jsonl", "results.json"
 VECTORS, ADAPTER, CHECKPOINTS, PLOTS = "best_vectors.npz", "adapter", "checkpoints", "plots"
-LABEL_OFFSETS = "label_offsets.json"  # in the adapter folder, under eval.calibrate=train
 
 
 class RunFolder:
@@ -120,11 +120,8 @@ class RunFolder:
         atomic_write(folder / "adapter_config.json",
                      (json.dumps(config, indent=2) + "\n").encode(), self.fsync)
         if label_offsets is not None:
-            note = ("eval.calibrate=train: subtract offsets[i] from the logit of label word i "
-                    "(the task's order) before taking the argmax")
-            atomic_write(folder / LABEL_OFFSETS, (json.dumps(
-                {"calibrate": "train", "offsets": label_offsets, "note": note}, indent=2)
-                + "\n").encode(), self.fsync)
+            atomic_write(folder / LABEL_OFFSETS, label_offsets_document(label_offsets).encode(),
+                         self.fsync)
         return folder
 
     def append_metrics(self, record: dict) -> None:

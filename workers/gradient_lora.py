@@ -52,6 +52,7 @@ from peft.tuners.lora import LoraLayer
 from common.config import RunConfig
 from common.data import Example, Splits
 from common.errors import ConfigError, DfoloraError
+from common.messages import LABEL_OFFSETS, label_offsets_document
 from common.seeding import derive_seed
 from workers import models
 from workers.adapters import Architecture, architecture
@@ -210,9 +211,12 @@ class LoraRun(Scorer):
         with torch.no_grad():
             for p, saved in zip(params, best["state"], strict=True):
                 p.copy_(saved)
+        final = {split: self.score(split) for split in ("train", "dev", "test")}
         if out_dir is not None:
             export_peft(self.peft, out_dir, self.cfg.model.name)
-        final = {split: self.score(split) for split in ("train", "dev", "test")}
+            if "label_offsets" in final["train"]:  # eval.calibrate: the rule its scores used
+                (Path(out_dir) / LABEL_OFFSETS).write_text(
+                    label_offsets_document(final["train"]["label_offsets"]))
         n, passes = len(self.examples["train"]), epochs * len(lrs)
         return {"method": METHOD, "zero_shot": zero, "final": final, "best_epoch": best["epoch"],
                 "evaluations": n * passes, "evaluations_unit": "training example forward passes "

@@ -14,7 +14,7 @@ from workers import fastpath
 from workers.adapters import delta_hook
 from workers.batches import Batch
 from workers.head import label_rows
-from workers.scoring import example_losses
+from workers.scoring import example_losses, label_offsets
 from workers.worker import EvalWorker
 
 
@@ -45,17 +45,19 @@ def reference_losses(worker: EvalWorker, layer: int, population,
                 handles.append(q.module.register_forward_hook(delta_hook(q.cols, a_q, b_q)))
                 handles.append(k.module.register_forward_hook(delta_hook(k.cols, a_k, b_k)))
             try:
-                losses, count = 0.0, 0
+                scored = []
                 for batch in batches:
                     inputs = fastpath.model_inputs(batch, worker.kind)
                     logits = worker.model(**inputs).logits  # full vocabulary, every position
-                    scored = label_rows(
-                        fastpath.gather_positions(logits, batch.positions).T, label_ids).T
-                    per = example_losses(scored, batch.labels, worker.cfg.eval.loss,
-                                         worker.cfg.eval.hinge_margin)
-                    losses += float(per.double().sum())
-                    count += batch.labels.shape[0]
-                out.append(losses / count)
+                    scored.append(label_rows(
+                        fastpath.gather_positions(logits, batch.positions).T, label_ids).T)
+                scored = torch.cat(scored).float()
+                if worker.cfg.eval.calibrate == "train":  # the batches are the training set
+                    scored = scored - label_offsets(scored)
+                labels = torch.cat([b.labels for b in batches])
+                per = example_losses(scored, labels, worker.cfg.eval.loss,
+                                     worker.cfg.eval.hinge_margin)
+                out.append(float(per.double().sum()) / labels.shape[0])
             finally:
                 for handle in handles:
                     handle.remove()

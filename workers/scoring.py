@@ -32,9 +32,11 @@ def label_offsets(train_logits: torch.Tensor) -> torch.Tensor:
     one label's logits: the label bias that a frozen prompt carries (contextual calibration,
     Zhao et al. 2021; batch calibration, Zhou et al. 2024, with the training set as the batch).
     The training split is class-balanced (k per class), so a centred label is predicted about
-    as often as the others (docs/design.md §3).
+    as often as the others (docs/design.md §3). Summed in float64, where adding a few thousand
+    float32 logits of like size is exact, so the offsets do not depend on the order the
+    training split's shards arrive in (Ray actors score it in pieces).
     """
-    return train_logits.float().mean(-2, keepdim=True)
+    return train_logits.double().mean(-2, keepdim=True).float()
 
 
 def f1_score(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:

@@ -160,6 +160,11 @@ class EvalWorker(Scorer):
             raise DfoloraError(f"eval.calibrate={self.cfg.eval.calibrate} scores each candidate "
                                f"on the whole training set: example shards are off")
         first, stop = shard_range(len(self.states), index, count)
+        n = z.shape[0]
+        counts = np.array([s.batch.labels.shape[0] for s in self.states[first:stop]], np.int64)
+        if n == 0:
+            empty = np.zeros((stop - first, 0))
+            return BatchTerms(first, empty, empty.copy(), counts)
         self.advance_states(layer)
         self.merge(layer, committed=False)  # candidates replace the layer's committed vector
         try:
@@ -167,10 +172,8 @@ class EvalWorker(Scorer):
         finally:
             self.merge(layer)
         offsets = self._offsets(rows)
-        n = z.shape[0]
         loss_sums = np.zeros((stop - first, n), dtype=np.float64)
         hits = np.zeros((stop - first, n), dtype=np.float64)
-        counts = np.zeros(stop - first, dtype=np.int64)
         for row, (state, logits) in enumerate(zip(self.states[first:stop], rows, strict=True)):
             logits = logits.float() - offsets
             losses = example_losses(logits, state.batch.labels, self.cfg.eval.loss,
@@ -178,7 +181,6 @@ class EvalWorker(Scorer):
             # the float32 sum over the batch's examples, widened (common/shards.py)
             loss_sums[row] = losses.sum(-1).double().cpu().numpy()
             hits[row] = (logits.argmax(-1) == state.batch.labels).sum(-1).double().cpu().numpy()
-            counts[row] = state.batch.labels.shape[0]
         return BatchTerms(first, loss_sums, hits, counts)
 
     def _population_logits(self, layer: int, state: fastpath.BatchState,

@@ -11,9 +11,12 @@ from harness import run
 
 from common.config import RunConfig
 from common.errors import ConfigError, DfoloraError
+from common.messages import LABEL_OFFSETS
 from orchestrator import cli
 from orchestrator.evaluation.local import LocalEvaluator
-from orchestrator.runfolder import ADAPTER, LABEL_OFFSETS
+from orchestrator.runfolder import ADAPTER
+from workers.gradient_lora import train_lora
+from workers.reference import reference_losses
 from workers.scorer import combine_scores
 from workers.scoring import classification_metrics, example_losses, label_offsets
 from workers.worker import EvalWorker
@@ -115,3 +118,30 @@ def test_a_run_exports_its_offsets_and_export_carries_them(tmp_path):
     ev = LocalEvaluator(plain, loaded=tiny.model("gpt2"), splits=tiny.splits())
     run(plain, tmp_path / "plain", evaluator=ev)
     assert not (tmp_path / "plain" / ADAPTER / LABEL_OFFSETS).exists()
+
+
+def test_the_fast_path_matches_the_plain_full_forward_under_calibration():
+    every_layer = CFG.replace(**{"schedule.layers": None})  # the reference hooks every layer
+    worker = EvalWorker(every_layer, loaded=tiny.model("gpt2"), splits=tiny.splits())
+    worker.commit(2, np.random.default_rng(1).standard_normal(worker.dim))
+    z = np.random.default_rng(4).standard_normal((3, worker.dim))
+    for layer in (1, 2):
+        np.testing.assert_allclose(worker.evaluate(layer, z).losses,
+                                   reference_losses(worker, layer, z), rtol=1e-5)
+
+
+def test_an_empty_population_gives_empty_terms(worker):
+    terms = worker.batch_terms(1, np.zeros((0, worker.dim)))
+    assert terms.loss_sums.shape == (worker.train_batches, 0)
+    assert terms.counts.sum() == len(worker.examples["train"])
+
+
+def test_gradient_lora_scores_calibrated_and_exports_its_offsets(tmp_path):
+    cfg = RunConfig.from_dict({**SETTINGS, "eval": {"batch_size": 3, "train_batch_size": 3,
+                                                     "calibrate": "train"}})
+    result = train_lora(cfg, loaded=tiny.model("llama"), splits=tiny.splits(), lr=1e-2,
+                        epochs=2, out_dir=str(tmp_path))
+    offsets = result["final"]["train"]["label_offsets"]
+    assert result["final"]["test"]["label_offsets"] == offsets
+    assert result["zero_shot"]["dev"]["label_offsets"]  # selection on calibrated dev too
+    assert json.loads((tmp_path / LABEL_OFFSETS).read_text())["offsets"] == offsets
