@@ -40,6 +40,9 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     # label logits centred on their train means, in the loss and in every score (fifth session)
     "calib": ["run", "--set", "eval.calibrate=train"],
     "calib-loss": ["run", "--set", "eval.calibrate=train", "--set", "schedule.select=loss"],
+    "zero-shot-calib": ["zero-shot", "--set", "eval.calibrate=train"],
+    "calib-loss-1200": ["run", "--set", "eval.calibrate=train", "--set", "schedule.select=loss",
+                        "--set", "budget=1200"],
     "lora-calib": ["lora", "--set", "eval.calibrate=train"],  # scoring only: LoRA's loss is CE
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],

@@ -24,7 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapter.init": ("qk-input", "paper", "paper-a-only", "random"),
     "eval.loss": ("ce", "hinge"),
     "eval.rescore_commits": ("auto", "on", "off"),
-    "eval.calibrate": ("off", "train"),
+    "eval.calibrate": ("off", "train", "auto"),
     "schedule.alternate": ("round", "layer"),
     "schedule.accept": ("elitist", "xbest", "mean"),
     "schedule.select": ("metric", "loss"),
@@ -105,7 +105,8 @@ class EvalConfig:
     # memory is what it uses, not what the heap kept (docs/design.md §7; costs CPU search time)
     lean_heap: bool = True
     # train: every label's logit less its mean over the training examples, in the search's loss
-    # and in every score, so no evaluation is spent on the label bias (docs/design.md §3)
+    # and in every score, so no evaluation is spent on the label bias; auto: train if that
+    # lowers the unadapted model's dev loss, else off (docs/design.md §3)
     calibrate: str = "off"
 
 

@@ -33,7 +33,8 @@ class ActorShell:
     def info(self) -> dict:
         w = self.worker
         return {"n_layers": w.n_layers, "dim": w.dim, "stats": w.calibration_stats(),
-                "rescore": w.rescore, "train_batches": w.train_batches}
+                "rescore": w.rescore, "train_batches": w.train_batches,
+                "calibrate": w.calibrate}
 
     def commit(self, layer: int, z: np.ndarray) -> None:
         self.worker.commit(layer, z)

@@ -173,6 +173,7 @@ class LoraRun(Scorer):
     def train(self, lrs, epochs, batch_size, weight_decay, eval_every, progress, out_dir) -> dict:
         start = time.perf_counter()
         metric = self.metric
+        self.choose_calibration()  # eval.calibrate=auto, on the unadapted model
         zero_train = self.score("train")
         zero = {"train_loss": zero_train["loss"], "dev": self.score("dev"),
                 "test": self.score("test")}

@@ -52,7 +52,7 @@ def reference_losses(worker: EvalWorker, layer: int, population,
                     scored.append(label_rows(
                         fastpath.gather_positions(logits, batch.positions).T, label_ids).T)
                 scored = torch.cat(scored).float()
-                if worker.cfg.eval.calibrate == "train":  # the batches are the training set
+                if worker.calibrate:  # the batches are the training set
                     scored = scored - label_offsets(scored)
                 labels = torch.cat([b.labels for b in batches])
                 per = example_losses(scored, labels, worker.cfg.eval.loss,

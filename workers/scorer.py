@@ -39,15 +39,13 @@ def model_max_length(model, wanted: int) -> int:
 
 def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig,
                    train: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
-    """Metrics of a split from the (logits, labels) of its shards, in any order; under
-    `eval.calibrate=train`, of the logits less the label offsets of the training split's
-    shards `train` (workers/scoring.py), which the metrics then list as `label_offsets`."""
+    """Metrics of a split from the (logits, labels) of its shards, in any order; given the
+    training split's shards `train` (a calibrated run, `eval.calibrate`), of the logits less
+    their label offsets (workers/scoring.py), which the metrics then list as `label_offsets`."""
     logits = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    if cfg.eval.calibrate == "off":
+    if train is None:
         return classification_metrics(logits, labels, cfg.eval.loss, cfg.eval.hinge_margin)
-    if not train:
-        raise DfoloraError("eval.calibrate=train: scoring needs the training split's logits")
     offsets = label_offsets(torch.from_numpy(np.concatenate([p[0] for p in train])))
     metrics = classification_metrics(logits - offsets, labels, cfg.eval.loss,
                                      cfg.eval.hinge_margin)
@@ -77,6 +75,7 @@ class Scorer:
             for name, examples in self.examples.items()
         }
         self.head = LabelHead(self.model, self.prompter.label_ids)
+        self.calibrate = cfg.eval.calibrate == "train"  # `auto`: see choose_calibration
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """Label logits for one batch: a plain full forward of the model as it stands (with
@@ -110,9 +109,20 @@ class Scorer:
 
     def score(self, split: str) -> dict:
         """Loss, accuracy and F1 of the model as it stands on 'train', 'dev' or 'test'
-        (calibrated on train under `eval.calibrate=train`)."""
+        (centred by the training split's label offsets when the run calibrates)."""
         parts = [self.predict(split)]
         train = None
-        if self.cfg.eval.calibrate != "off":
+        if self.calibrate:
             train = parts if split == "train" else [self.predict("train")]
         return combine_scores(parts, self.cfg, train)
+
+    def choose_calibration(self) -> bool:
+        """`eval.calibrate=auto`, called with the model unadapted: calibrate if that lowers the
+        dev loss (dev is what settings are chosen on; its loss is finer than its accuracy on a
+        few dozen examples). A function of the model and the data only, so a resumed run and
+        every Ray actor choose alike. Returns the choice."""
+        if self.cfg.eval.calibrate == "auto":
+            dev, train = [self.predict("dev")], [self.predict("train")]
+            raw = combine_scores(dev, self.cfg)["loss"]
+            self.calibrate = combine_scores(dev, self.cfg, train)["loss"] < raw
+        return self.calibrate

@@ -87,6 +87,7 @@ class EvalWorker(Scorer):
                                    param=a.param, basis=a.basis,
                                    weight_norms=[tuple(float(torch.linalg.norm(w.double()))
                                                        for w in pair) for pair in self.pristine])
+        self.choose_calibration()  # eval.calibrate=auto: decided on the unadapted model
         # the fast path against the model's own forward, before any search (ModelError if not)
         self.self_check = self_check(self)
         release_free_memory()  # construction temporaries, before the first generation
@@ -156,7 +157,7 @@ class EvalWorker(Scorer):
         index, count = shard
         if not 0 <= index < count:
             raise DfoloraError(f"shard {shard} must be (i, n) with 0 <= i < n")
-        if self.cfg.eval.calibrate != "off" and count > 1:
+        if self.calibrate and count > 1:
             raise DfoloraError(f"eval.calibrate={self.cfg.eval.calibrate} scores each candidate "
                                f"on the whole training set: example shards are off")
         first, stop = shard_range(len(self.states), index, count)
@@ -203,7 +204,7 @@ class EvalWorker(Scorer):
     def _offsets(self, logits: list[torch.Tensor]) -> torch.Tensor | float:
         """The label offsets of `eval.calibrate=train` over every training example's logits
         (workers/scoring.py), per candidate; 0 when off."""
-        if self.cfg.eval.calibrate == "off":
+        if not self.calibrate:
             return 0.0
         return label_offsets(torch.cat(logits, -2))
 

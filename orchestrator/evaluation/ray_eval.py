@@ -51,7 +51,6 @@ class RayEvaluator(Evaluator):
         self.chunk_size, self.num_actors = chunk_size, num_actors
         self.backup_chunks, self.backups = backup_chunks, 0  # copies started, all generations
         self.example_shards = example_shards
-        self.calibrate = cfg.eval.calibrate != "off"  # candidates scored on all of train
         self._actor_cls = actor_cls
         self._args = {"threads": max(1, int(cpus_per_actor)), **(actor_args or {})}
         self.pool = ActorPool(self._spawn, start_timeout=start_timeout_s,
@@ -62,6 +61,7 @@ class RayEvaluator(Evaluator):
                                    bool(info.get("rescore", False)), self.pool.stats)
         # an actor that does not say (a test's stand-in) is never sharded
         self.train_batches = info.get("train_batches", 1)
+        self.calibrate = info.get("calibrate", False)  # as the actors chose (eval.calibrate)
 
     def _spawn(self, stats: dict | None):
         cls = self._actor_cls
@@ -116,7 +116,7 @@ class RayEvaluator(Evaluator):
     def shards(self, n: int) -> int:
         """Example shards per chunk for a population of n (dispatch.example_shards); none
         under `eval.calibrate`, whose label offsets need every training example."""
-        if self.calibrate:
+        if self.cfg.eval.calibrate != "off":
             return 1
         return example_shards(self.example_shards, self.num_actors, len(self._chunks(n)),
                               self.train_batches)

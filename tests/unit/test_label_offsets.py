@@ -89,8 +89,38 @@ def test_off_leaves_logits_as_they_are(worker):
     expected = classification_metrics(torch.from_numpy(logits), torch.from_numpy(labels),
                                       "ce", 2.0)
     assert same(combine_scores([(logits, labels)], plain), expected)
-    with pytest.raises(DfoloraError, match="training split"):
-        combine_scores([(logits, labels)], CFG)  # calibrating with no training logits
+    off = EvalWorker(plain, loaded=tiny.model("gpt2"), splits=tiny.splits())
+    assert not off.calibrate and "label_offsets" not in off.score("dev")
+
+
+class Unadapted:
+    """What `choose_calibration` reads of a scorer: its config and its split logits."""
+
+    def __init__(self, train_bias: float, dev_bias: float):
+        rng = np.random.default_rng(0)
+        self.cfg, self.calibrate = CFG.replace(**{"eval.calibrate": "auto"}), False
+        labels = np.array([0, 1] * 8)
+        self.logits = {}
+        for split, bias in (("train", train_bias), ("dev", dev_bias)):
+            logits = np.stack([-(labels - 0.5), labels - 0.5], 1) + rng.normal(0, .3, (16, 2))
+            self.logits[split] = ((logits + [0.0, bias]).astype(np.float32), labels)
+
+    def predict(self, split):
+        return self.logits[split]
+
+
+def test_auto_calibrates_when_that_lowers_the_unadapted_dev_loss():
+    from workers.scorer import Scorer
+
+    assert Scorer.choose_calibration(Unadapted(train_bias=3.0, dev_bias=3.0)) is True
+    # a bias on train alone: its offsets would push dev off, so dev says no
+    assert Scorer.choose_calibration(Unadapted(train_bias=3.0, dev_bias=0.0)) is False
+    auto = CFG.replace(**{"eval.calibrate": "auto"})
+    w = EvalWorker(auto, loaded=tiny.model("gpt2"), splits=tiny.splits())
+    dev, train = [w.predict("dev")], [w.predict("train")]
+    better = combine_scores(dev, auto, train)["loss"] < combine_scores(dev, auto)["loss"]
+    assert w.calibrate == better
+    assert ("label_offsets" in w.score("test")) == better
 
 
 def test_example_shards_are_refused_under_calibration(worker):
