@@ -43,6 +43,8 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "zero-shot-calib": ["zero-shot", "--set", "eval.calibrate=train"],
     "calib-loss-1200": ["run", "--set", "eval.calibrate=train", "--set", "schedule.select=loss",
                         "--set", "budget=1200"],
+    # the demo preset after the fifth session (eval.calibrate=auto, schedule.select=loss)
+    "auto-loss": ["run", "--set", "eval.calibrate=auto", "--set", "schedule.select=loss"],
     "lora-calib": ["lora", "--set", "eval.calibrate=train"],  # scoring only: LoRA's loss is CE
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
@@ -83,10 +85,15 @@ def add_variant(spec: str) -> str:
     return spec
 
 
+# The demo preset as the study's first four sessions ran it: the fifth changed the preset's
+# calibration and snapshot rule (variant auto-loss), so every variant pins the old ones first
+BEFORE = ["--set", "eval.calibrate=off", "--set", "schedule.select=metric"]
+
+
 def command(name: str, seed: int, template: str, root: Path) -> list[str]:
     args = VARIANTS[name]
     return ["dfolora", args[0], "--preset", "demo", "--set", f"seed={seed}",
-            "--set", f"task.template={template}", *args[1:],
+            "--set", f"task.template={template}", *BEFORE, *args[1:],
             "--out", str(root / run_name(name, seed, template)), "--progress", "quiet"]
 
 

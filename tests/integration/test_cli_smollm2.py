@@ -13,6 +13,7 @@ import yaml
 from peft_check import label_logits
 
 from common.config import RunConfig
+from common.messages import LABEL_OFFSETS
 
 pytestmark = pytest.mark.integration
 
@@ -75,9 +76,13 @@ def test_peft_and_merged_exports_reproduce_the_runs_predictions(smoke, tmp_path)
     with np.load(out / "best_vectors.npz") as npz:
         for key in npz.files:
             worker.commit(int(key.removeprefix("layer_")), npz[key])
-    ours, _ = worker.predict("test")
+    ours, labels = worker.predict("test")
     results = json.loads((out / "results.json").read_text())
-    assert (ours.argmax(-1) == worker.predict("test")[1]).mean() == pytest.approx(
+    # the smoke preset calibrates (eval.calibrate=auto: the default template's label bias makes
+    # the unadapted dev loss lower when centred); the exported offsets give the run's accuracy
+    offsets = json.loads((out / "adapter" / LABEL_OFFSETS).read_text())["offsets"]
+    assert results["final"]["test"]["label_offsets"] == offsets
+    assert ((ours - np.asarray(offsets, np.float32)).argmax(-1) == labels).mean() == pytest.approx(
         results["final"]["test"]["accuracy"])
 
     for fmt in ("peft", "merged"):
@@ -85,6 +90,7 @@ def test_peft_and_merged_exports_reproduce_the_runs_predictions(smoke, tmp_path)
                                "--format", fmt, "--out", str(tmp_path / fmt)],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((tmp_path / fmt / LABEL_OFFSETS).read_text())["offsets"] == offsets
     base = models.load(cfg.model).model
     peft = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     via_peft = label_logits(peft, worker)
