@@ -333,6 +333,10 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)) or not value:
             raise ConfigError(f"{path} must be a non-empty list, got {_show(value)}")
         return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    allowed = CHOICES.get(path)
+    if hint is str and isinstance(value, bool) and allowed and "off" in allowed:
+        # YAML 1.1 reads a bare on/off (yes/no, true/false) as a boolean: take the word meant
+        value = {True: "on", False: "off"}[value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             value = float(value)
@@ -345,7 +349,6 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
                           f"{value.bit_length()} bits")
     if hint is float and not math.isfinite(value):
         raise ConfigError(f"{path} must be a finite number, got {value!r}")
-    allowed = CHOICES.get(path)
     if allowed and value not in allowed:
         raise ConfigError(f"{path} must be one of {', '.join(allowed)}; got {value!r}")
     return value

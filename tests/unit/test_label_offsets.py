@@ -133,6 +133,16 @@ def test_example_shards_are_refused_under_calibration(worker):
         RunConfig.from_dict({"eval": {"calibrate": "yes"}})
 
 
+def test_a_bare_off_in_yaml_means_off():
+    """YAML reads `off` as false (`--set eval.calibrate=off`, a config file's `calibrate: off`)."""
+    import yaml
+
+    cfg = RunConfig.from_dict(yaml.safe_load("eval: {calibrate: off, rescore_commits: on}"))
+    assert cfg.eval.calibrate == "off" and cfg.eval.rescore_commits == "on"
+    with pytest.raises(ConfigError, match="eval.calibrate must be one of"):
+        RunConfig.from_dict({"eval": {"calibrate": True}})  # "on" is not one of its words
+
+
 def test_a_run_exports_its_offsets_and_export_carries_them(tmp_path):
     cfg = CFG.replace(budget=16, **{"optimizer.popsize": 4})
     ev = LocalEvaluator(cfg, loaded=tiny.model("gpt2"), splits=tiny.splits())
