@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import tiny
 import yaml
+from harness import sigint_default
 from safetensors.numpy import load_file
 
 from orchestrator.checkpoint import CheckpointStore
@@ -91,7 +92,7 @@ def launch(root: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", *args,
                                  "--progress", "quiet"], cwd=ROOT, env=ENV, stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=sigint_default)
     return proc, log
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import tiny
 import yaml
+from harness import sigint_default
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ def sweep(config: Path, root: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", "--config",
                              str(config), "--seeds", "5", "6", "7", "--root", str(root)],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=sigint_default)
 
 
 def lines(path: Path) -> int:
