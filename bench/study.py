@@ -26,6 +26,8 @@ from pathlib import Path
 SEEDS = (13, 21, 42, 87, 100)
 WORDS_3 = "task.label_words=[[negative, bad, terrible], [positive, good, great]]"
 
+CALIB_LOSS = ["run", "--set", "eval.calibrate=train", "--set", "schedule.select=loss"]
+
 VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset demo`
     "zero-shot": ["zero-shot"],
     "lora": ["lora"],  # gradient LoRA, lr and epoch chosen on dev (its own default grid)
@@ -46,6 +48,12 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     # the demo preset after the fifth session (eval.calibrate=auto, schedule.select=loss)
     "auto-loss": ["run", "--set", "eval.calibrate=auto", "--set", "schedule.select=loss"],
     "lora-calib": ["lora", "--set", "eval.calibrate=train"],  # scoring only: LoRA's loss is CE
+    # sixth session: one lever at a time on top of calib-loss (= the demo preset on `default`)
+    "cl-words3": [*CALIB_LOSS, "--set", WORDS_3],
+    "cl-ratio1": [*CALIB_LOSS, "--set", "adapter.ratio_bounds=[1.0,1.0]"],
+    "cl-dim100": [*CALIB_LOSS, "--set", "adapter.dim=100"],
+    "cl-recenter": [*CALIB_LOSS, "--set", "schedule.recenter=visit"],
+    "cl-l2s": [*CALIB_LOSS, "--set", "schedule.l2=0.005"],
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
     "layers3": ["run", "--set", "schedule.layers=[29,28,27]"],
