@@ -54,6 +54,7 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "cl-dim100": [*CALIB_LOSS, "--set", "adapter.dim=100"],
     "cl-recenter": [*CALIB_LOSS, "--set", "schedule.recenter=visit"],
     "cl-l2s": [*CALIB_LOSS, "--set", "schedule.l2=0.005"],
+    "cl-dim100-l2s": [*CALIB_LOSS, "--set", "adapter.dim=100", "--set", "schedule.l2=0.005"],
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
     "layers3": ["run", "--set", "schedule.layers=[29,28,27]"],
