@@ -55,6 +55,8 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "cl-recenter": [*CALIB_LOSS, "--set", "schedule.recenter=visit"],
     "cl-l2s": [*CALIB_LOSS, "--set", "schedule.l2=0.005"],
     "cl-dim100-l2s": [*CALIB_LOSS, "--set", "adapter.dim=100", "--set", "schedule.l2=0.005"],
+    "auto-loss-dim100": ["run", "--set", "eval.calibrate=auto", "--set", "schedule.select=loss",
+                         "--set", "adapter.dim=100"],  # the demo preset with d 100
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
     "layers3": ["run", "--set", "schedule.layers=[29,28,27]"],
