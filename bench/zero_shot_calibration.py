@@ -21,6 +21,34 @@ from common.config import RunConfig  # noqa: E402
 from orchestrator import presets  # noqa: E402
 
 
+def other_offsets(parts: dict) -> dict:
+    """Test accuracy and dev loss under other two-class offsets estimated on train (a probe, not
+    a setting): the mean margin (the `train` rule), its median, the intercept that minimises the
+    training CE (a one-parameter logistic fit), and the test split's own mean (an oracle)."""
+    import numpy as np
+    from scipy.optimize import minimize_scalar
+
+    def margin(split):
+        logits = parts[split][0][0]
+        return logits[:, 1] - logits[:, 0]
+
+    def ce(m, labels, offset):  # two-class CE of margins shifted by offset
+        z = (m - offset) * np.where(labels == 1, 1.0, -1.0)
+        return float(np.logaddexp(0.0, -z).mean())
+
+    train, labels = margin("train"), parts["train"][0][1]
+    fit = minimize_scalar(lambda o: ce(train, labels, o), bounds=(-20, 20), method="bounded").x
+    offsets = {"mean": train.mean(), "median": float(np.median(train)), "ce_fit": float(fit),
+               "oracle_test_mean": margin("test").mean()}
+    out = {}
+    for name, o in offsets.items():
+        for split in ("dev", "test"):
+            m, y = margin(split), parts[split][0][1]
+            out[f"{split}_{name}_accuracy"] = float(((m > o).astype(int) == y).mean())
+        out[f"dev_{name}_loss"] = ce(margin("dev"), parts["dev"][0][1], o)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--templates", nargs="+", default=["default", "instruct"])
@@ -46,6 +74,7 @@ def main() -> None:
                 cal = combine_scores(parts[split], calibrated, parts["train"])
                 row |= {f"{split}_raw_accuracy": raw["accuracy"], f"{split}_raw_loss": raw["loss"],
                         f"{split}_cal_accuracy": cal["accuracy"], f"{split}_cal_loss": cal["loss"]}
+            row |= other_offsets(parts)
             rows.append(row)
             print(f"{template:<9} s{seed:<4} dev acc {row['dev_raw_accuracy']:.3f} -> "
                   f"{row['dev_cal_accuracy']:.3f}, loss {row['dev_raw_loss']:.3f} -> "
