@@ -27,6 +27,7 @@ SEEDS = (13, 21, 42, 87, 100)
 WORDS_3 = "task.label_words=[[negative, bad, terrible], [positive, good, great]]"
 
 CALIB_LOSS = ["run", "--set", "eval.calibrate=train", "--set", "schedule.select=loss"]
+AUTO_LOSS = ["run", "--set", "eval.calibrate=auto", "--set", "schedule.select=loss"]
 
 VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset demo`
     "zero-shot": ["zero-shot"],
@@ -41,12 +42,11 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "l2s": ["run", "--set", "schedule.l2=0.005"],
     # label logits centred on their train means, in the loss and in every score (fifth session)
     "calib": ["run", "--set", "eval.calibrate=train"],
-    "calib-loss": ["run", "--set", "eval.calibrate=train", "--set", "schedule.select=loss"],
+    "calib-loss": CALIB_LOSS,
     "zero-shot-calib": ["zero-shot", "--set", "eval.calibrate=train"],
-    "calib-loss-1200": ["run", "--set", "eval.calibrate=train", "--set", "schedule.select=loss",
-                        "--set", "budget=1200"],
+    "calib-loss-1200": [*CALIB_LOSS, "--set", "budget=1200"],
     # the demo preset after the fifth session (eval.calibrate=auto, schedule.select=loss)
-    "auto-loss": ["run", "--set", "eval.calibrate=auto", "--set", "schedule.select=loss"],
+    "auto-loss": AUTO_LOSS,
     "lora-calib": ["lora", "--set", "eval.calibrate=train"],  # scoring only: LoRA's loss is CE
     # sixth session: one lever at a time on top of calib-loss (= the demo preset on `default`)
     "cl-words3": [*CALIB_LOSS, "--set", WORDS_3],
@@ -55,8 +55,7 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "cl-recenter": [*CALIB_LOSS, "--set", "schedule.recenter=visit"],
     "cl-l2s": [*CALIB_LOSS, "--set", "schedule.l2=0.005"],
     "cl-dim100-l2s": [*CALIB_LOSS, "--set", "adapter.dim=100", "--set", "schedule.l2=0.005"],
-    "auto-loss-dim100": ["run", "--set", "eval.calibrate=auto", "--set", "schedule.select=loss",
-                         "--set", "adapter.dim=100"],  # the demo preset with d 100
+    "auto-loss-dim100": [*AUTO_LOSS, "--set", "adapter.dim=100"],  # the demo preset, d 100
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
     "layers3": ["run", "--set", "schedule.layers=[29,28,27]"],
