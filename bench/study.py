@@ -56,6 +56,13 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "cl-l2s": [*CALIB_LOSS, "--set", "schedule.l2=0.005"],
     "cl-dim100-l2s": [*CALIB_LOSS, "--set", "adapter.dim=100", "--set", "schedule.l2=0.005"],
     "auto-loss-dim100": [*AUTO_LOSS, "--set", "adapter.dim=100"],  # the demo preset, d 100
+    # seventh session: the untried levers (population, separable CMA-ES, generations
+    # per visit), one at a time on top of calib-loss
+    "cl-pop10": [*CALIB_LOSS, "--set", "optimizer.popsize=10"],
+    "cl-pop40": [*CALIB_LOSS, "--set", "optimizer.popsize=40"],
+    "cl-gpv2": [*CALIB_LOSS, "--set", "schedule.generations_per_visit=2"],
+    # Nevergrad's DiagonalCMA (pycma with CMA_diagonal: separable CMA-ES) in CMA-ES's place
+    "cl-diag": [*CALIB_LOSS, "--set", "schedule.optimizers=[nevergrad:DiagonalCMA, fwa]"],
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
     "layers3": ["run", "--set", "schedule.layers=[29,28,27]"],
