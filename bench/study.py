@@ -63,6 +63,10 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "cl-gpv2": [*CALIB_LOSS, "--set", "schedule.generations_per_visit=2"],
     # Nevergrad's DiagonalCMA (pycma with CMA_diagonal: separable CMA-ES) in CMA-ES's place
     "cl-diag": [*CALIB_LOSS, "--set", "schedule.optimizers=[nevergrad:DiagonalCMA, fwa]"],
+    # label offsets fitted to the training cross-entropy instead of the label means
+    "cl-fit": [*CALIB_LOSS, "--set", "eval.offsets=fit"],
+    "auto-fit": [*AUTO_LOSS, "--set", "eval.offsets=fit"],  # the demo preset, fitted offsets
+    "zero-shot-fit": ["zero-shot", "--set", "eval.calibrate=train", "--set", "eval.offsets=fit"],
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
     "layers3": ["run", "--set", "schedule.layers=[29,28,27]"],

@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.loss": ("ce", "hinge"),
     "eval.rescore_commits": ("auto", "on", "off"),
     "eval.calibrate": ("off", "train", "auto"),
+    "eval.offsets": ("mean", "fit"),
     "schedule.alternate": ("round", "layer"),
     "schedule.accept": ("elitist", "xbest", "mean"),
     "schedule.select": ("metric", "loss"),
@@ -108,6 +109,9 @@ class EvalConfig:
     # and in every score, so no evaluation is spent on the label bias; auto: train if that
     # lowers the unadapted model's dev loss, else off (docs/design.md §3)
     calibrate: str = "off"
+    # how eval.calibrate estimates the offsets: mean (each label's mean training logit) or fit
+    # (the intercepts that minimise the training cross-entropy; docs/design.md §3)
+    offsets: str = "mean"
 
 
 @dataclass(frozen=True)

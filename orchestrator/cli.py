@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
                         "other optimiser and schedule keys act from the next generation. "
                         "Refused even so: model.*, task.*, adapter.*, seed, schedule.layers, "
                         "optimizer.popsize, optimizer.sigma0, eval.loss, eval.hinge_margin, "
-                        "eval.calibrate")
+                        "eval.calibrate, eval.offsets")
     p.set_defaults(handler=commands.run)
 
     p = sub.add_parser("zero-shot", help="score the unadapted model on the same splits",

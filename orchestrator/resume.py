@@ -21,7 +21,7 @@ from orchestrator.state import ScheduleState
 # maps (adapter.*, seed, and sigma0, which scales them: the vectors would mean other deltas),
 # other layers, or another population size (the optimisers' states are sized by it).
 FROZEN = ("model", "task", "adapter", "seed", "schedule.layers", "optimizer.popsize",
-          "optimizer.sigma0", "eval.loss", "eval.hinge_margin", "eval.calibrate")
+          "optimizer.sigma0", "eval.loss", "eval.hinge_margin", "eval.calibrate", "eval.offsets")
 
 
 def resume_config(cfg: RunConfig | None, stored: RunConfig, state: ScheduleState,

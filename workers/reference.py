@@ -52,9 +52,9 @@ def reference_losses(worker: EvalWorker, layer: int, population,
                     scored.append(label_rows(
                         fastpath.gather_positions(logits, batch.positions).T, label_ids).T)
                 scored = torch.cat(scored).float()
-                if worker.calibrate:  # the batches are the training set
-                    scored = scored - label_offsets(scored)
                 labels = torch.cat([b.labels for b in batches])
+                if worker.calibrate:  # the batches are the training set
+                    scored = scored - label_offsets(scored, labels, worker.cfg.eval.offsets)
                 per = example_losses(scored, labels, worker.cfg.eval.loss,
                                      worker.cfg.eval.hinge_margin)
                 out.append(float(per.double().sum()) / labels.shape[0])

@@ -46,7 +46,9 @@ def combine_scores(parts: list[tuple[np.ndarray, np.ndarray]], cfg: RunConfig,
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     if train is None:
         return classification_metrics(logits, labels, cfg.eval.loss, cfg.eval.hinge_margin)
-    offsets = label_offsets(torch.from_numpy(np.concatenate([p[0] for p in train])))
+    offsets = label_offsets(torch.from_numpy(np.concatenate([p[0] for p in train])),
+                            torch.from_numpy(np.concatenate([p[1] for p in train])),
+                            cfg.eval.offsets)
     metrics = classification_metrics(logits - offsets, labels, cfg.eval.loss,
                                      cfg.eval.hinge_margin)
     return {**metrics, "label_offsets": offsets[0].tolist()}  # what was subtracted (exported)

@@ -203,10 +203,12 @@ class EvalWorker(Scorer):
 
     def _offsets(self, logits: list[torch.Tensor]) -> torch.Tensor | float:
         """The label offsets of `eval.calibrate=train` over every training example's logits
-        (workers/scoring.py), per candidate; 0 when off."""
+        (workers/scoring.py; `logits` one tensor per training batch, in batch order), per
+        candidate; 0 when off."""
         if not self.calibrate:
             return 0.0
-        return label_offsets(torch.cat(logits, -2))
+        labels = torch.cat([state.batch.labels for state in self.states])
+        return label_offsets(torch.cat(logits, -2), labels, self.cfg.eval.offsets)
 
     @property
     def train_batches(self) -> int:
