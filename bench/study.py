@@ -63,6 +63,7 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "cl-gpv2": [*CALIB_LOSS, "--set", "schedule.generations_per_visit=2"],
     # Nevergrad's DiagonalCMA (pycma with CMA_diagonal: separable CMA-ES) in CMA-ES's place
     "cl-diag": [*CALIB_LOSS, "--set", "schedule.optimizers=[nevergrad:DiagonalCMA, fwa]"],
+    "cl-sep": [*CALIB_LOSS, "--set", "optimizer.cma_diagonal=true"],  # pycma's own separable
     # label offsets fitted to the training cross-entropy instead of the label means
     "cl-fit": [*CALIB_LOSS, "--set", "eval.offsets=fit"],
     "auto-fit": [*AUTO_LOSS, "--set", "eval.offsets=fit"],  # the demo preset, fitted offsets

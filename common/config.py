@@ -126,6 +126,9 @@ class OptimizerConfig:
     # nevergrad:<Name> only: the budget Nevergrad plans for (NGOpt and other meta-optimisers
     # need one); null: the run budget shared out over the (layer, method) optimisers
     nevergrad_budget: int | None = None
+    # cma only: separable CMA-ES (Ros & Hansen 2008), a diagonal covariance whose variances
+    # learn about d/3 times faster (pycma's CMA_diagonal); false: the full covariance
+    cma_diagonal: bool = False
 
 
 @dataclass(frozen=True)

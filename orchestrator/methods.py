@@ -30,6 +30,8 @@ def optimizer_options(cfg: RunConfig, method: str, n_optimizers: int) -> dict[st
         "popsize": opt.popsize,
         "bounds": None if opt.bounds is None else (opt.bounds[0], opt.bounds[1]),
     }
+    if method == "cma" and opt.cma_diagonal:
+        options["cma_options"] = {"CMA_diagonal": True}
     if method == "fwa-dyn" and opt.fireworks is not None:
         options["n_fireworks"] = opt.fireworks
     if method.startswith(NEVERGRAD_PREFIX):

@@ -40,6 +40,9 @@ def validate_run(cfg: RunConfig) -> None:
     if cfg.optimizer.fireworks is not None and "fwa-dyn" not in names:
         raise ConfigError(f"optimizer.fireworks applies to fwa-dyn only; the run uses "
                           f"{', '.join(names)}")
+    if cfg.optimizer.cma_diagonal and "cma" not in names:
+        raise ConfigError(f"optimizer.cma_diagonal applies to cma only; the run uses "
+                          f"{', '.join(names)}")
     if cfg.optimizer.nevergrad_budget is not None and not any(
             n.startswith(NEVERGRAD_PREFIX) for n in names):
         raise ConfigError(f"optimizer.nevergrad_budget applies to nevergrad:<Name> only; the "
