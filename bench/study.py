@@ -67,6 +67,11 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     # label offsets fitted to the training cross-entropy instead of the label means
     "cl-fit": [*CALIB_LOSS, "--set", "eval.offsets=fit"],
     "auto-fit": [*AUTO_LOSS, "--set", "eval.offsets=fit"],  # the demo preset, fitted offsets
+    # candidate demo presets: separable CMA-ES (Nevergrad's or pycma's) with fitted offsets
+    "auto-loss-diag": [*AUTO_LOSS, "--set", "schedule.optimizers=[nevergrad:DiagonalCMA, fwa]"],
+    "auto-fit-diag": [*AUTO_LOSS, "--set", "eval.offsets=fit",
+                      "--set", "schedule.optimizers=[nevergrad:DiagonalCMA, fwa]"],
+    "auto-fit-sep": [*AUTO_LOSS, "--set", "eval.offsets=fit", "--set", "optimizer.cma_diagonal=true"],
     "zero-shot-fit": ["zero-shot", "--set", "eval.calibrate=train", "--set", "eval.offsets=fit"],
     "ratio005": ["run", "--set", "adapter.ratio_bounds=[0.05,0.05]"],
     "hinge": ["run", "--set", "eval.loss=hinge"],
