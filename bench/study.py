@@ -66,7 +66,7 @@ VARIANTS: dict[str, list[str]] = {  # name -> dfolora arguments after `--preset 
     "cl-sep": [*CALIB_LOSS, "--set", "optimizer.cma_diagonal=true"],  # pycma's own separable
     # label offsets fitted to the training cross-entropy instead of the label means
     "cl-fit": [*CALIB_LOSS, "--set", "eval.offsets=fit"],
-    "auto-fit": [*AUTO_LOSS, "--set", "eval.offsets=fit"],  # the demo preset, fitted offsets
+    "auto-fit": [*AUTO_LOSS, "--set", "eval.offsets=fit"],  # the demo preset since the 7th
     # candidate demo presets: separable CMA-ES (Nevergrad's or pycma's) with fitted offsets
     "auto-loss-diag": [*AUTO_LOSS, "--set", "schedule.optimizers=[nevergrad:DiagonalCMA, fwa]"],
     "auto-fit-diag": [*AUTO_LOSS, "--set", "eval.offsets=fit",
@@ -114,8 +114,10 @@ def add_variant(spec: str) -> str:
 
 
 # The demo preset as the study's first four sessions ran it: the fifth changed the preset's
-# calibration and snapshot rule (variant auto-loss), so every variant pins the old ones first
-BEFORE = ["--set", "eval.calibrate=off", "--set", "schedule.select=metric"]
+# calibration and snapshot rule (variant auto-loss), the seventh its offsets (variant auto-fit),
+# so every variant pins the old ones first
+BEFORE = ["--set", "eval.calibrate=off", "--set", "schedule.select=metric",
+          "--set", "eval.offsets=mean"]
 
 
 def command(name: str, seed: int, template: str, root: Path) -> list[str]:

@@ -62,3 +62,15 @@ def test_soup_probe_reads_a_peft_delta_with_its_scaling(tmp_path):
     deltas = soup.deltas(tmp_path)
     assert list(deltas) == [name]
     np.testing.assert_allclose(deltas[name].numpy(), 4.0 * (b @ a).numpy(), rtol=1e-6)
+
+
+def test_auto_fit_is_the_demo_preset_and_older_variants_keep_mean_offsets(tmp_path):
+    def resolved(name):
+        argv = study.command(name, 13, "default", tmp_path)
+        return presets.resolve(None, "demo", [argv[i + 1] for i, a in enumerate(argv)
+                                              if a == "--set"]).to_dict()
+
+    assert resolved("auto-fit") == presets.resolve(None, "demo", ["seed=13"]).to_dict()
+    for name in ("calib-loss", "auto-loss", "cl-diag", "lora-calib"):
+        assert resolved(name)["eval"]["offsets"] == "mean"
+    assert resolved("cl-sep")["optimizer"]["cma_diagonal"] is True
