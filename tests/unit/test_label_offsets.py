@@ -160,8 +160,10 @@ def test_a_run_exports_its_offsets_and_export_carries_them(tmp_path):
     assert not (tmp_path / "plain" / ADAPTER / LABEL_OFFSETS).exists()
 
 
-def test_the_fast_path_matches_the_plain_full_forward_under_calibration():
-    every_layer = CFG.replace(**{"schedule.layers": None})  # the reference hooks every layer
+@pytest.mark.parametrize("offsets", ["mean", "fit"])  # eval.offsets: test_fitted_offsets.py
+def test_the_fast_path_matches_the_plain_full_forward_under_calibration(offsets):
+    # the reference hooks every layer
+    every_layer = CFG.replace(**{"schedule.layers": None, "eval.offsets": offsets})
     worker = EvalWorker(every_layer, loaded=tiny.model("gpt2"), splits=tiny.splits())
     worker.commit(2, np.random.default_rng(1).standard_normal(worker.dim))
     z = np.random.default_rng(4).standard_normal((3, worker.dim))
