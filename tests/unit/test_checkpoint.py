@@ -342,6 +342,7 @@ def test_forced_resume_extends_the_budget(tmp_path):
     ({"schedule.layers": [1, 0]}, r"schedule.layers: null -> \[1, 0\]\nschedule.layers cannot"),
     ({"optimizer.popsize": 4}, r"optimizer.popsize cannot change"),
     ({"eval.calibrate": "train"}, r"eval.calibrate cannot change"),  # another objective
+    ({"eval.offsets": "fit"}, r"eval.offsets cannot change"),  # another calibrated objective
     ({"model.name": "other"}, r'model.name: "smollm2-135m" -> "other"'),
     ({"budget": 12}, r"budget 12: the run has spent 12 evaluations and its next generation "
                      r"needs 6 more"),
