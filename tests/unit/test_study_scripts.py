@@ -25,20 +25,24 @@ def load_script(name: str):
 study = load_script("study")
 
 
+def variant_config(name: str, seed: int, root: Path):
+    """The config a study variant's run resolves to (`--set` pairs on the demo preset); raises
+    ConfigError on a typo'd key or value."""
+    argv = study.command(name, seed, "default", root)
+    return presets.resolve(None, "demo", [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+
+
 @pytest.mark.parametrize("name", sorted(study.VARIANTS))
 def test_every_study_variant_is_a_valid_config(name, tmp_path):
     argv = study.command(name, 13, "default", tmp_path)
     assert argv[0] == "dfolora" and argv[1] in ("run", "lora", "zero-shot")
-    sets = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
-    cfg = presets.resolve(None, "demo", sets)  # raises ConfigError on a typo'd key or value
+    cfg = variant_config(name, 13, tmp_path)
     assert cfg.seed == 13 and cfg.task.template == "default"
 
 
 def test_sixth_session_variants_change_one_thing_on_calib_loss(tmp_path):
     def resolved(name):
-        argv = study.command(name, 21, "default", tmp_path)
-        return presets.resolve(None, "demo", [argv[i + 1] for i, a in enumerate(argv)
-                                              if a == "--set"]).to_dict()
+        return variant_config(name, 21, tmp_path).to_dict()
 
     reference = resolved("calib-loss")
     assert reference["eval"]["calibrate"] == "train" and reference["schedule"]["select"] == "loss"
@@ -66,9 +70,7 @@ def test_soup_probe_reads_a_peft_delta_with_its_scaling(tmp_path):
 
 def test_auto_fit_is_the_demo_preset_and_older_variants_keep_mean_offsets(tmp_path):
     def resolved(name):
-        argv = study.command(name, 13, "default", tmp_path)
-        return presets.resolve(None, "demo", [argv[i + 1] for i, a in enumerate(argv)
-                                              if a == "--set"]).to_dict()
+        return variant_config(name, 13, tmp_path).to_dict()
 
     assert resolved("auto-fit") == presets.resolve(None, "demo", ["seed=13"]).to_dict()
     for name in ("calib-loss", "auto-loss", "cl-diag", "lora-calib"):
